@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass
 
 from .errors import SpecError
@@ -168,3 +170,24 @@ class ModelSpec:
     def total_params(self) -> int:
         """All weights of the model."""
         return sum(self.module_params(m.name) for m in self.modules)
+
+
+def model_to_dict(model: ModelSpec) -> dict:
+    """Plain JSON-ready form of a spec (enums by value, derived counts added)."""
+    def plain(value):
+        if isinstance(value, enum.Enum):
+            return value.value
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    data = plain(model)
+    data["topology"] = [f"{src} -> {dst}" for src, dst in model.topology]
+    data["order"] = list(model.order)
+    data["params"] = {m.name: model.module_params(m.name) for m in model.modules}
+    data["total_params"] = model.total_params
+    data["num_microbatches"] = model.parallel.num_microbatches
+    data["world_size"] = model.parallel.world_size
+    return data

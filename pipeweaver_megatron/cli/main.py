@@ -1,2 +1,136 @@
-def main():
-    pass
+"""The `pipeweaver` command: thin subcommands over the library's layers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from ..config import ConfigError, list_models, load_model, model_to_dict
+from ..ir import LayoutError, ScheduleFormatError, ScheduleValidationError, render_grid
+from ..schedules import Baseline, ScheduleError, build_baseline
+from ..workload import WorkloadError, TokenRules, record_trace, sample_workload, summarize
+from .format import format_model
+
+USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
+               ScheduleValidationError, FileNotFoundError)
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    print(json.dumps(model_to_dict(model), indent=2) if args.json else format_model(model))
+
+
+def cmd_config_list(args: argparse.Namespace) -> None:
+    for name in list_models():
+        model = load_model(name)
+        print(f"{name:<12} {model.description}")
+
+
+def cmd_workload_sample(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    dataset = args.dataset or model.dataset
+    batches = sample_workload(model, dataset, args.iterations, args.seed)
+    summary = summarize(batches, TokenRules.from_model(model))
+    if args.record:
+        record_trace(batches, args.record)
+    if args.json:
+        print(json.dumps({"model": model.name, "dataset": dataset, "seed": args.seed,
+                          **summary.to_dict()}, indent=2))
+    else:
+        print(f"{model.name} on {dataset} (seed {args.seed})")
+        print(summary.format())
+        if args.record:
+            print(f"trace written to {args.record}")
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    table = build_baseline(model, args.baseline, args.microbatches, args.pp, args.vp,
+                           args.group_size)
+    if args.json:
+        print(json.dumps(table.to_json()))
+        return
+    print(f"{table.name} for {model.name}: {table.layout.num_ranks} ranks, "
+          f"{table.layout.num_stages} stages, {table.num_microbatches} microbatches, "
+          f"hash {table.content_hash[:16]}")
+    print(table.layout.describe())
+    print()
+    print(render_grid(table))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    print("=" * 78)
+    print(format_model(model))
+    print("=" * 78)
+    batches = sample_workload(model, "obelics", args.iterations, args.seed)
+    print(f"OBELICS-like workload, {args.iterations} iterations (seed {args.seed})")
+    print(summarize(batches, TokenRules.from_model(model)).format())
+    print("=" * 78)
+    table = build_baseline(model, Baseline.MEGATRON_INTERLEAVED)
+    print(f"Megatron interleaved 1F1B (vp={model.parallel.vp}) on Megatron's static placement: "
+          f"{table.num_microbatches} microbatches, hash {table.content_hash[:16]}")
+    print(table.layout.describe())
+    print()
+    print(render_grid(table))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeweaver", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="model specs").add_subparsers(dest="action",
+                                                                         required=True)
+    show = config.add_parser("show", help="print a setup")
+    show.add_argument("model", help="name from model_configs/ or a YAML path")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_config_show)
+    config.add_parser("list", help="list the shipped setups").set_defaults(func=cmd_config_list)
+
+    workload = sub.add_parser("workload", help="workload metadata").add_subparsers(
+        dest="action", required=True)
+    sample = workload.add_parser("sample", help="sample global batches and print statistics")
+    sample.add_argument("--model", required=True)
+    sample.add_argument("--dataset", help="generator name or a JSONL trace (default: the "
+                                          "model's dataset)")
+    sample.add_argument("--iterations", type=int, default=10)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--record", metavar="FILE.jsonl", help="also write the samples as a trace")
+    sample.add_argument("--json", action="store_true")
+    sample.set_defaults(func=cmd_workload_sample)
+
+    schedule = sub.add_parser("schedule", help="a baseline schedule in the IR")
+    schedule.add_argument("--model", required=True)
+    schedule.add_argument("--baseline", required=True, choices=[b.value for b in Baseline])
+    schedule.add_argument("--microbatches", type=int, help="default: the model's per-pipeline count")
+    schedule.add_argument("--pp", type=int)
+    schedule.add_argument("--vp", type=int)
+    schedule.add_argument("--group-size", type=int, help="microbatch_group_size_per_vp_stage")
+    schedule.add_argument("--json", action="store_true")
+    schedule.set_defaults(func=cmd_schedule)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default")
+    demo.add_argument("--model", default="VLM-S")
+    demo.add_argument("--iterations", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except USER_ERRORS as exc:
+        print(f"pipeweaver: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

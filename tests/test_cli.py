@@ -1,0 +1,94 @@
+"""The `pipeweaver` command as a user runs it: installed console script, exit codes,
+one-line errors, JSON that the library reads back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeweaver_megatron.config import load_model
+from pipeweaver_megatron.ir import ScheduleTable, validate
+from pipeweaver_megatron.schedules import build_baseline
+
+SCRIPT = Path(sys.executable).parent / "pipeweaver"
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_console_script_is_installed():
+    assert SCRIPT.is_file()
+    assert "config" in run("--help").stdout
+
+
+def test_config_show_text_and_json():
+    text = run("config", "show", "VLM-S").stdout
+    assert "vision_encoder" in text and "169 LM tokens" in text and "TP=4 PP=4" in text
+    data = json.loads(run("config", "show", "t2v-s", "--json").stdout)
+    assert data["total_params"] == load_model("t2v-s").total_params
+    assert data["modules"][1]["kind"] == "generator"
+
+
+def test_schedule_json_is_the_ir_form():
+    out = run("schedule", "--model", "tiny-vlm", "--baseline", "megatron-interleaved",
+              "--microbatches", "8", "--json").stdout
+    table = ScheduleTable.from_json(json.loads(out))
+    validate(table)
+    expected = build_baseline(load_model("tiny-vlm"), "megatron-interleaved", 8)
+    assert table.content_hash == expected.content_hash
+
+
+def test_schedule_grid_with_overrides():
+    out = run("schedule", "--model", "vlm-s", "--baseline", "megatron-1f1b", "--microbatches",
+              "6", "--pp", "2").stdout
+    assert "megatron-1f1b for VLM-S: 2 ranks, 2 stages, 6 microbatches" in out
+    assert out.splitlines()[4].split()[:3] == ["step", "rank", "0"]
+
+
+def test_workload_sample_json_and_trace_replay(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    first = json.loads(run("workload", "sample", "--model", "tiny-vlm", "--dataset", "obelics",
+                           "--iterations", "3", "--seed", "5", "--json", "--record",
+                           str(trace)).stdout)
+    assert trace.is_file() and first["iterations"] == 3
+    replay = json.loads(run("workload", "sample", "--model", "tiny-vlm", "--dataset",
+                            str(trace), "--iterations", "3", "--json").stdout)
+    for key in ("microbatches", "samples", "mean_images_per_microbatch"):
+        assert replay[key] == first[key]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["config", "show", "no-such-model"], "no such file and no shipped model"),
+    (["schedule", "--model", "tiny-vlm", "--baseline", "megatron-interleaved",
+      "--microbatches", "10"], "last group of 2"),
+    (["schedule", "--model", "tiny-vlm", "--baseline", "megatron-1f1b", "--pp", "16"],
+     "need at least 16"),
+    (["workload", "sample", "--model", "tiny-vlm", "--dataset", "no-such-data"], "no-such-data"),
+])
+def test_errors_are_one_line_without_traceback(args, message):
+    result = run(*args, ok=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pipeweaver: error:")
+    assert message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_broken_yaml_error_names_file_and_key(write_spec):
+    path = write_spec("tiny-vlm", lambda d: d["parallel"].update(tp=3))
+    result = run("config", "show", str(path), ok=False)
+    assert result.returncode == 2
+    assert f"{path}: parallel.tp: tp=3 does not divide" in result.stderr
+
+
+def test_demo_prints_setup_workload_and_schedule():
+    out = run("demo", "--iterations", "2").stdout
+    assert "VLM-S" in out and "OBELICS-like workload" in out
+    assert "Megatron interleaved 1F1B" in out and "stage   0  rank   0  vision[0:63]" in out

@@ -40,6 +40,8 @@ class HardwareProfile:
     """Devices per node."""
     host_bandwidth: float = 0.0
     """Device<->host copy bandwidth for activation offloading, bytes/s (0: no offload)."""
+    dtype_bytes: int = 2
+    """Bytes per activation/weight element in training (2 for bf16; 4 for fp32 on cpu)."""
 
     def __post_init__(self) -> None:
         for key in ("peak_flops", "memory_bandwidth", "memory_capacity", "intra_node_bandwidth",
@@ -99,7 +101,7 @@ PROFILES: dict[str, HardwareProfile] = {
         name="cpu", peak_flops=190e9, memory_bandwidth=20 * GB, memory_capacity=24 * GIB,
         intra_node_bandwidth=5 * GB, intra_node_latency=30e-6,
         inter_node_bandwidth=1.25 * GB, inter_node_latency=100e-6, gpus_per_node=2,
-        host_bandwidth=0.0),
+        host_bandwidth=0.0, dtype_bytes=4),
 }
 
 

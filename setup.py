@@ -1,13 +1,7 @@
 """pipeweaver_megatron: dynamic interleaved pipeline schedules for multimodal Megatron training."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "pipeweaver_megatron",
-    "pipeweaver_megatron.config",
-    "pipeweaver_megatron.workload",
-    "pipeweaver_megatron.ir",
-    "pipeweaver_megatron.schedules",
-    "pipeweaver_megatron.cli",
+PACKAGES = find_packages(include=["pipeweaver_megatron", "pipeweaver_megatron.*"]) + [
     "pipeweaver_megatron.model_configs",
 ]
 
@@ -26,6 +20,7 @@ setup(
         "megatron-core==0.16.1",
         "numpy",
         "pyyaml",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],

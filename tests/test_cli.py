@@ -92,3 +92,27 @@ def test_demo_prints_setup_workload_and_schedule():
     out = run("demo", "--iterations", "2").stdout
     assert "VLM-S" in out and "OBELICS-like workload" in out
     assert "Megatron interleaved 1F1B" in out and "stage   0  rank   0  vision[0:63]" in out
+
+
+def test_simulate_json_trace_and_plot(tmp_path):
+    trace, plot = tmp_path / "t.json", tmp_path / "t.png"
+    data = json.loads(run("simulate", "--model", "tiny-vlm", "--workload", "obelics",
+                          "--schedule", "megatron-interleaved", "--iterations", "3", "--seed",
+                          "1", "--trace", str(trace), "--plot", str(plot), "--json").stdout)
+    for key in ("iteration_time_s", "mean_iteration_time_s", "lower_bound_s", "bubble_ratio",
+                "mfu", "peak_memory_gib"):
+        assert key in data
+    assert len(data["iteration_time_s"]) == 3 and len(data["peak_memory_gib"]) == 4
+    assert data["lower_bound_s"] <= data["mean_iteration_time_s"]
+    assert "traceEvents" in json.loads(trace.read_text())
+    assert plot.stat().st_size > 1000
+
+
+def test_simulate_rejects_a_calibration_for_other_hardware(tmp_path):
+    from pipeweaver_megatron.semu import Calibration
+
+    path = tmp_path / "cal.json"
+    Calibration(hardware="cpu", device="cpu").save(path)
+    result = run("simulate", "--model", "tiny-vlm", "--schedule", "gpipe", "--hardware", "H100",
+                 "--calibration", str(path), ok=False)
+    assert result.returncode == 2 and "fitted for cpu, not H100" in result.stderr

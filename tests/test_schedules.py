@@ -63,9 +63,9 @@ def test_megatron_placement_balances_the_rest_by_parameters(name):
             module = model.module(part.module)
             load += part.num_layers * model.layer_params(part.module)
             load += module.input_params() if part.first_layer == 0 else 0
-            load += module.output_params() if part.last_layer == module.num_layers else 0
+            load += model.output_params(part.module) if part.last_layer == module.num_layers else 0
         loads.append(load)
-    biggest_layer = max(model.layer_params(m.name) + model.module(m.name).output_params()
+    biggest_layer = max(model.layer_params(m.name) + model.output_params(m.name)
                         for m in model.modules if m.is_transformer)
     # Balanced up to one layer (plus an LM head or DiT output) per stage.
     assert max(loads) - min(loads) <= biggest_layer * 1.5

@@ -61,3 +61,18 @@ def format_model(model: ModelSpec) -> str:
                      f"microbatch, {v.height}x{v.width}: {v.tokens(v.max_clip_seconds)} DiT tokens "
                      f"per {v.max_clip_seconds:g} s clip")
     return "\n".join(lines)
+
+
+def format_simulation(model: ModelSpec, schedule: str, hardware: str, run) -> str:
+    """Per-iteration times and the summary of a simulated workload."""
+    lines = [f"{model.name}, {schedule} on {hardware} ({len(run.results)} iterations)",
+             f"  {'iteration':>9} {'time (s)':>10} {'bound (s)':>10} {'bubble':>8} {'MFU':>7}"]
+    for i, r in enumerate(run.results):
+        lines.append(f"  {i:>9} {r.iteration_time_s:>10.3f} {r.lower_bound_s:>10.3f} "
+                     f"{r.bubble_ratio:>8.1%} {r.mfu:>7.1%}")
+    lines += [f"  mean iteration time  {run.mean_iteration_time_s:.3f} s "
+              f"(lower bound {run.mean('lower_bound_s'):.3f} s)",
+              f"  bubble ratio {run.mean('bubble_ratio'):.1%}, MFU {run.mean('mfu'):.1%}",
+              "  peak memory (GiB)    " + " ".join(f"{m:.1f}" for m in run.peak_memory_gib),
+              f"  stage-cost reuse     {run.reuse.hits} hits, {run.reuse.misses} misses"]
+    return "\n".join(lines)

@@ -7,14 +7,16 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from ..config import ConfigError, list_models, load_model, model_to_dict
+from ..config import ConfigError, get_hardware, list_models, load_model, model_to_dict
 from ..ir import LayoutError, ScheduleFormatError, ScheduleValidationError, render_grid
 from ..schedules import Baseline, ScheduleError, build_baseline
+from ..semu import (CalibrationError, CostModel, StuckSchedule, batch_shapes, load_calibration,
+                    simulate_workload, write_plot, write_trace)
 from ..workload import WorkloadError, TokenRules, record_trace, sample_workload, summarize
-from .format import format_model
+from .format import format_model, format_simulation
 
 USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
-               ScheduleValidationError, FileNotFoundError)
+               ScheduleValidationError, FileNotFoundError, CalibrationError, StuckSchedule)
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -58,6 +60,39 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     print(table.layout.describe())
     print()
     print(render_grid(table))
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    hardware = get_hardware(args.hardware or (calibration.hardware if calibration
+                                              else model.hardware))
+    if calibration and calibration.hardware.lower() != hardware.name.lower():
+        raise ConfigError(args.calibration, "hardware", f"fitted for {calibration.hardware}, "
+                                                        f"not {hardware.name}")
+    costs = CostModel(model, hardware, calibration)
+    rules = TokenRules.from_model(model)
+    batches = sample_workload(model, args.workload or model.dataset, args.iterations, args.seed)
+    tables = {}
+
+    def plan(batch):
+        count = len(batch.microbatches)
+        if count not in tables:
+            tables[count] = build_baseline(model, args.schedule, count)
+        return tables[count], batch_shapes(model, batch, rules)
+
+    run = simulate_workload(costs, batches, plan)
+    if args.trace:
+        write_trace(run.results[0], run.tables[0].layout, args.trace, f"{model.name} {args.schedule}")
+    if args.plot:
+        write_plot(run.results[0], run.tables[0].layout, args.plot,
+                   f"{model.name}, {args.schedule}, iteration 0 on {hardware.name}")
+    if args.json:
+        print(json.dumps({"model": model.name, "schedule": args.schedule,
+                          "hardware": hardware.name, "calibration": costs.calibration.source,
+                          **run.to_dict()}, indent=2))
+    else:
+        print(format_simulation(model, args.schedule, hardware.name, run))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -110,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--group-size", type=int, help="microbatch_group_size_per_vp_stage")
     schedule.add_argument("--json", action="store_true")
     schedule.set_defaults(func=cmd_schedule)
+
+    sim = sub.add_parser("simulate", help="predict iteration time, bubbles, MFU and memory")
+    sim.add_argument("--model", required=True)
+    sim.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
+    sim.add_argument("--schedule", required=True, choices=[b.value for b in Baseline])
+    sim.add_argument("--iterations", type=int, default=10)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--hardware", help="hardware profile (default: the model's)")
+    sim.add_argument("--calibration", metavar="FILE", help="from `pipeweaver profile`")
+    sim.add_argument("--trace", metavar="OUT.json", help="Perfetto trace of iteration 0")
+    sim.add_argument("--plot", metavar="OUT.png", help="timeline plot of iteration 0")
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--model", default="VLM-S")

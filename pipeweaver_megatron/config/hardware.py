@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SpecError
+from .errors import ConfigError, SpecError
 
 GB = 1e9
 GIB = 2**30
@@ -110,4 +110,4 @@ def get_hardware(name: str) -> HardwareProfile:
     for key, profile in PROFILES.items():
         if key.lower() == name.lower():
             return profile
-    raise KeyError(f"unknown hardware profile {name!r}; known: {', '.join(PROFILES)}")
+    raise ConfigError(name, "", f"unknown hardware profile; known: {', '.join(PROFILES)}")

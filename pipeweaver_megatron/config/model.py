@@ -162,9 +162,18 @@ class ModelSpec:
         """Weights of one layer of a module."""
         return self.module(name).layer_params(self.condition_hidden(name))
 
+    def has_head(self, name: str) -> bool:
+        """The module ends in its own output head and loss: every module but an LM that
+        only conditions a downstream generator (text-to-video)."""
+        return self.module(name).kind != ModuleKind.LANGUAGE_MODEL or not self.downstream(name)
+
+    def output_params(self, name: str) -> int:
+        """Weights behind a module's last layer, as this model uses it."""
+        return self.module(name).output_params(self.has_head(name))
+
     def module_params(self, name: str) -> int:
         """All weights of a module."""
-        return self.module(name).params(self.condition_hidden(name))
+        return self.module(name).params(self.condition_hidden(name), self.has_head(name))
 
     @property
     def total_params(self) -> int:

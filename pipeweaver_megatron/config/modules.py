@@ -242,18 +242,21 @@ class ModuleSpec:
             return self.video.latent_channels * self.video.patch_size**2 * self.hidden_size
         return 0
 
-    def output_params(self) -> int:
-        """Weights behind the last layer (final norm, LM head, DiT output projection)."""
+    def output_params(self, head: bool = True) -> int:
+        """Weights behind the last layer (final norm, LM head, DiT output projection).
+
+        head=False leaves out the LM head of an LM that only conditions a generator.
+        """
         if self.kind == ModuleKind.PROJECTOR:
             return 0
         norm = self.hidden_size
-        if self.kind == ModuleKind.LANGUAGE_MODEL and self.untie_embeddings:
+        if self.kind == ModuleKind.LANGUAGE_MODEL and self.untie_embeddings and head:
             return norm + self.vocab_size * self.hidden_size
         if self.kind == ModuleKind.GENERATOR and self.video is not None:
             return norm + self.hidden_size * self.video.latent_channels * self.video.patch_size**2
         return norm
 
-    def params(self, condition_hidden: int = 0) -> int:
+    def params(self, condition_hidden: int = 0, head: bool = True) -> int:
         """All weights of the module."""
         return (self.input_params() + self.num_layers * self.layer_params(condition_hidden)
-                + self.output_params())
+                + self.output_params(head))

@@ -58,7 +58,7 @@ def _units(model: ModelSpec) -> list[_Unit]:
             if layer == 0:
                 weight += module.input_params()
             if layer == module.num_layers - 1:
-                weight += module.output_params()
+                weight += model.output_params(name)
             units.append(_Unit(name, layer, weight))
     return units
 

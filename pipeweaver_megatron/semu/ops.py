@@ -45,3 +45,5 @@ class Op:
     flops: float = 0.0
     mem_bytes: float = 0.0
     net_bytes: float = 0.0
+    count: int = 1
+    """Identical instances (one per layer of a part): the graph stores a layer once."""

@@ -1,0 +1,163 @@
+"""The cost model: op latencies from the roofline with calibrated factors, and the cost
+of a stage on one (sub-)microbatch, built once per structure and shape (reuse).
+
+[Note: subgraph reuse] A stage's cost depends only on its structure (per part: module,
+layer count, whether it holds the module's input or output layers), the shape signature
+of each part's module (sorted sequence lengths), TP/SP, the memory strategy, and the
+hardware and calibration of the CostModel. Equal keys share one entry, whether they
+come from another rank or segment (spatial reuse: equal chunks of one module on
+different stages) or another microbatch, candidate schedule or iteration (temporal
+reuse: the same shapes again). With reuse off every request rebuilds and re-prices the
+graph, which gives identical numbers more slowly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from ..config import HardwareProfile, ModelSpec
+from ..ir import Layout, Part
+from .calibration import Calibration
+from .graph import Parallel, PartGraph, part_graph
+from .memory import StaticMemory, static_memory
+from .ops import Op, OpClass, Phase
+from .shapes import ModuleShape
+
+_EMPTY = ModuleShape(())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageCost:
+    """Time and memory of one stage for one (sub-)microbatch on one TP rank."""
+
+    forward_s: float
+    backward_input_s: float
+    backward_weight_s: float
+    recompute_s: float
+    """Extra forward before the backward when every layer is recomputed (0 otherwise)."""
+    saved_bytes: float
+    """Activations held from the forward's start to the backward's end."""
+    output_bytes: float
+    """The P2P payload this stage sends downstream (and receives back as a gradient)."""
+    model_flops: float
+    """Useful forward FLOPs of all TP ranks."""
+
+    @property
+    def backward_s(self) -> float:
+        """Backward including recompute."""
+        return self.backward_input_s + self.backward_weight_s + self.recompute_s
+
+
+@dataclass
+class ReuseStats:
+    """Hit and miss counters of the stage-cost cache."""
+
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class CostModel:
+    """Prices ops and stages for one model on one hardware profile."""
+
+    model: ModelSpec
+    hardware: HardwareProfile
+    calibration: Calibration | None = None
+    reuse: bool = True
+    tp: int = 0
+    """TP size; 0 takes the model's."""
+    sequence_parallel: bool | None = None
+    stats: ReuseStats = field(default_factory=ReuseStats)
+    _cache: dict = field(default_factory=dict, repr=False)
+    _shape_ids: dict = field(default_factory=dict, repr=False)
+    _static: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.calibration = self.calibration or Calibration(hardware=self.hardware.name)
+        par = self.model.parallel
+        sp = par.sequence_parallel if self.sequence_parallel is None else self.sequence_parallel
+        self.parallel = Parallel(tp=self.tp or par.tp, sequence_parallel=sp,
+                                 dtype_bytes=self.hardware.dtype_bytes)
+        self._factors = {c: self.calibration.factor(c) for c in OpClass}
+        self._module_layers = {m.name: m.num_layers for m in self.model.modules}
+
+    def op_latency(self, op: Op) -> float:
+        """overhead + max(a_f*FLOPs/F, a_m*bytes/B_mem, a_n*net/B_net) for one instance."""
+        fac, hw = self._factors[op.cls], self.hardware
+        return fac.overhead_s + max(fac.a_f * op.flops / hw.peak_flops,
+                                    fac.a_m * op.mem_bytes / hw.memory_bandwidth,
+                                    fac.a_n * op.net_bytes / hw.intra_node_bandwidth)
+
+    def structure(self, parts: Sequence[Part]) -> tuple:
+        """The structural half of a stage key: per part module, layers, input, output."""
+        return tuple((p.module, p.num_layers, p.first_layer == 0,
+                      p.last_layer == self._module_layers[p.module]) for p in parts)
+
+    def shape_id(self, shape: ModuleShape) -> int:
+        """A small integer naming a shape signature, so keys hash cheaply."""
+        return self._shape_ids.setdefault(shape.signature, len(self._shape_ids))
+
+    def stage_key(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
+                  recompute: bool) -> tuple:
+        """Structure + shape signature (see [Note: subgraph reuse])."""
+        return (self.structure(parts),
+                tuple(self.shape_id(shapes.get(p.module, _EMPTY)) for p in parts), recompute)
+
+    def stage_cost(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
+                   recompute: bool = False, key: tuple | None = None) -> StageCost:
+        """Cost of a stage's parts on one (sub-)microbatch; key may be given precomputed
+        (stage_key's value) by callers that price many stages."""
+        if not self.reuse:
+            self.stats.misses += 1
+            return self._build(parts, shapes, recompute)
+        key = key or self.stage_key(parts, shapes, recompute)
+        cost = self._cache.get(key)
+        if cost is None:
+            self.stats.misses += 1
+            cost = self._cache[key] = self._build(parts, shapes, recompute)
+        else:
+            self.stats.hits += 1
+        return cost
+
+    def static_memory(self, layout: Layout, distributed_optimizer: bool = True) -> list[StaticMemory]:
+        """Weights, gradients and optimizer state per pipeline rank (cached per layout)."""
+        key = (id(layout), distributed_optimizer)
+        found = self._static.get(key)
+        if found is None or found[0] is not layout:
+            found = self._static[key] = (layout, static_memory(
+                self.model, layout, self.parallel.tp, self.hardware.dtype_bytes,
+                distributed_optimizer))
+        return found[1]
+
+    def graphs(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape]) -> list[PartGraph]:
+        """The op graph of every part."""
+        return [part_graph(self.model, p.module, p.first_layer, p.last_layer,
+                           shapes.get(p.module, _EMPTY), self.parallel) for p in parts]
+
+    def _build(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
+               recompute: bool) -> StageCost:
+        times = {Phase.FORWARD: 0.0, Phase.BACKWARD_INPUT: 0.0, Phase.BACKWARD_WEIGHT: 0.0}
+        again, saved, flops = 0.0, 0.0, 0.0
+        graphs = self.graphs(parts, shapes)
+        for graph in graphs:
+            for op in graph.ops:
+                times[op.phase] += op.count * self.op_latency(op)
+            if recompute:
+                again += sum(op.count * self.op_latency(op) for op in graph.layer_forward)
+            saved += graph.checkpoint_bytes if recompute else graph.saved_bytes
+            flops += graph.model_flops
+        last = next((g for g in reversed(graphs) if g.output_tokens), None)
+        out = 0.0
+        if last is not None:
+            out = self.parallel.dtype_bytes * last.output_tokens * last.output_hidden
+            out /= self.parallel.seq_shard
+        return StageCost(forward_s=times[Phase.FORWARD],
+                         backward_input_s=times[Phase.BACKWARD_INPUT],
+                         backward_weight_s=times[Phase.BACKWARD_WEIGHT], recompute_s=again,
+                         saved_bytes=saved, output_bytes=out, model_flops=flops)

@@ -1,0 +1,241 @@
+"""Simulate one iteration of a ScheduleTable: times, bubbles, MFU, memory.
+
+Per action: a forward holds the stage's saved activations from its start until the
+matching backward ends; a forward sends its output to downstream stages on other ranks
+and a backward sends the gradient back, each taking latency + bytes / bandwidth of the
+link between the two ranks (intra-node or inter-node from Megatron's rank order: TP
+fastest, then DP, then PP). After its last action a rank reduces gradients over data
+parallelism and steps the optimizer; the iteration ends when the slowest rank is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Collection, Mapping, Sequence
+
+from ..config import ModelSpec
+from ..ir import Action, Layout, Op, ScheduleTable
+from ..workload import GlobalBatch, TokenRules
+from .core import run_streams
+from .costs import CostModel, StageCost
+from .memory import ADAM_TRAFFIC_BYTES
+from .ops import OpClass
+from .shapes import ModuleShape, microbatch_shapes
+
+BatchShapes = Mapping[str, Sequence[Sequence[ModuleShape]]]
+"""Module -> per microbatch -> per sub-microbatch shape."""
+
+GIB = 2**30
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimResult:
+    """What one simulated iteration predicts."""
+
+    iteration_time_s: float
+    pipeline_time_s: float
+    """When the last compute action ends."""
+    lower_bound_s: float
+    """Busiest rank's compute + its gradient reduction and optimizer step."""
+    bubble_ratio: float
+    mfu: float
+    busy_s: tuple[float, ...]
+    dp_time_s: tuple[float, ...]
+    optimizer_time_s: tuple[float, ...]
+    peak_memory_bytes: tuple[float, ...]
+    static_memory_bytes: tuple[float, ...]
+    memory_timeline: tuple[tuple[tuple[float, float], ...], ...]
+    """Per rank: (time, bytes in use) after each change."""
+    actions: tuple[tuple[Action, ...], ...]
+    starts: tuple[tuple[float, ...], ...]
+    ends: tuple[tuple[float, ...], ...]
+    transfers: tuple[tuple[int, int, float, float, str], ...]
+    """(src rank, dst rank, start, end, label) of each P2P message."""
+
+    @property
+    def peak_memory_gib(self) -> list[float]:
+        return [b / GIB for b in self.peak_memory_bytes]
+
+
+def batch_shapes(model: ModelSpec, batch: GlobalBatch, rules: TokenRules) -> dict[str, list[list[ModuleShape]]]:
+    """Shapes of a global batch without sub-microbatch splits (one sub per microbatch)."""
+    out: dict[str, list[list[ModuleShape]]] = {name: [] for name in model.order}
+    for microbatch in batch.microbatches:
+        shapes = microbatch_shapes(model, microbatch, rules)
+        for name in model.order:
+            out[name].append([shapes.get(name, ModuleShape(()))])
+    return out
+
+
+@dataclass(frozen=True)
+class PricedBatch:
+    """Stage costs of one batch on one layout: costs[stage][microbatch][sub]."""
+
+    costs: tuple[tuple[tuple[StageCost, ...], ...], ...]
+
+
+def price(costs: CostModel, layout: Layout, shapes: BatchShapes,
+          recompute: Collection[int] = ()) -> PricedBatch:
+    """Price every (stage, microbatch, sub) once; reusable for any table on this layout."""
+    ids = {name: [[costs.shape_id(sh) for sh in subs] for subs in per_mb]
+           for name, per_mb in shapes.items()}
+    out = []
+    for stage in layout.stages:
+        parts, structure = stage.parts, costs.structure(stage.parts)
+        first, redo = parts[0].module, stage.index in recompute
+        per_mb = []
+        for m in range(len(shapes[first])):
+            row = []
+            for k in range(len(shapes[first][m])):
+                key = (structure, tuple(ids[p.module][m][k] for p in parts), redo)
+                row.append(costs.stage_cost(parts, {p.module: shapes[p.module][m][k]
+                                                    for p in parts}, redo, key))
+            per_mb.append(tuple(row))
+        out.append(tuple(per_mb))
+    return PricedBatch(tuple(out))
+
+
+def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
+             recompute: Collection[int] = (), distributed_optimizer: bool = True,
+             detail: bool = True, priced: PricedBatch | None = None) -> SimResult:
+    """Simulate one iteration; recompute names the stages that recompute every layer.
+
+    detail=False skips per-action times, memory timelines and transfers (what a search
+    needs is the summary); priced reuses a price() of the same layout and shapes.
+    """
+    layout = table.layout
+    cost = (priced or price(costs, layout, shapes, recompute)).costs
+    stage_rank = [s.rank for s in layout.stages]
+    subs = [[len(per_sub) for per_sub in per_mb] for per_mb in cost]
+    for s in layout.stages:
+        if any(table.subs(s.index, m) != subs[s.index][m] for m in range(table.num_microbatches)):
+            raise ValueError(f"stage {s.index}: the table's sub-microbatch counts differ from "
+                             "the shapes given")
+    flat: list[Action] = [a for actions in table.ranks for a in actions]
+    pos: dict[tuple[Op, int, int, int], int] = {
+        (a.op, a.stage, a.microbatch, a.sub): i for i, a in enumerate(flat)}
+    order, k = [], 0
+    for actions in table.ranks:
+        order.append(range(k, k + len(actions)))
+        k += len(actions)
+    link = _Links(costs)
+    delay = [[link.delay(a.rank, b.rank) for b in layout.stages] for a in layout.stages]
+    fixed = [[link.fixed(a.index, b.index, layout) for b in layout.stages] for a in layout.stages]
+    preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
+    succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
+    duration, deps = [], []
+    for op, s, m, sub in pos:
+        c = cost[s][m][sub]
+        mine = subs[s][m]
+        if op == Op.F:
+            duration.append(c.forward_s)
+            deps.append([(pos[(Op.F, src, m, j)], delay[src][s] * cost[src][m][j].output_bytes
+                          + fixed[src][s])
+                         for src, aligned in preds[s]
+                         for j in _subs(aligned, subs[src][m], mine, sub)])
+        else:
+            duration.append(c.backward_s)
+            found = [(pos[(Op.F, s, m, sub)], 0.0)]
+            found += [(pos[(Op.B, dst, m, j)], delay[dst][s] * c.output_bytes + fixed[dst][s])
+                      for dst, aligned in succs[s]
+                      for j in _subs(aligned, subs[dst][m], mine, sub)]
+            deps.append(found)
+    timeline = run_streams(order, duration, deps)
+    return _result(costs, table, flat, order, duration, deps, timeline, cost, stage_rank,
+                   distributed_optimizer, detail)
+
+
+def _subs(aligned: bool, count: int, mine: int, sub: int) -> range:
+    return range(sub, sub + 1) if aligned and count == mine else range(count)
+
+
+class _Links:
+    """P2P delay between pipeline ranks (Megatron rank order: TP, DP, then PP)."""
+
+    def __init__(self, costs: CostModel) -> None:
+        par, self.hw = costs.model.parallel, costs.hardware
+        self.stride = costs.parallel.tp * par.dp
+        fac = costs.calibration.factor(OpClass.P2P)
+        self.a_n, self.overhead = fac.a_n, fac.overhead_s
+
+    def _same_node(self, src: int, dst: int) -> bool:
+        per_node = self.hw.gpus_per_node
+        return (src * self.stride) // per_node == (dst * self.stride) // per_node
+
+    def delay(self, src: int, dst: int) -> float:
+        """Seconds per byte between two pipeline ranks (0 on the same rank)."""
+        if src == dst:
+            return 0.0
+        same = self._same_node(src, dst)
+        return self.a_n / (self.hw.intra_node_bandwidth if same else self.hw.inter_node_bandwidth)
+
+    def fixed(self, src_stage: int, dst_stage: int, layout: Layout) -> float:
+        """Per-message latency between the ranks of two stages (0 on the same rank)."""
+        src, dst = layout.stages[src_stage].rank, layout.stages[dst_stage].rank
+        if src == dst:
+            return 0.0
+        same = self._same_node(src, dst)
+        return self.overhead + (self.hw.intra_node_latency if same else self.hw.inter_node_latency)
+
+
+def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_rank,
+            distributed_optimizer, detail) -> SimResult:
+    model, hw, par = costs.model, costs.hardware, costs.model.parallel
+    static = costs.static_memory(table.layout, distributed_optimizer)
+    shards = par.dp if distributed_optimizer else 1
+    coll = costs.calibration.factor(OpClass.COLLECTIVE)
+    elem = costs.calibration.factor(OpClass.ELEMENTWISE)
+    dp_bw = hw.intra_node_bandwidth if costs.parallel.tp * par.dp <= hw.gpus_per_node \
+        else hw.inter_node_bandwidth
+    start, end = timeline.start, timeline.end
+    busy, dp_time, opt_time, finish, peaks, lines = [], [], [], [], [], []
+    flops = 0.0
+    for rank, idx in enumerate(order):
+        params = static[rank].params
+        busy.append(sum(duration[i] for i in idx))
+        grads = params * hw.dtype_bytes
+        dp_time.append(0.0 if par.dp == 1 or not params else
+                       coll.overhead_s + coll.a_n * 2 * (par.dp - 1) / par.dp * grads / dp_bw)
+        opt_time.append(elem.a_m * ADAM_TRAFFIC_BYTES * params / shards / hw.memory_bandwidth)
+        finish.append(timeline.rank_end[rank] + dp_time[-1] + opt_time[-1])
+        events = []
+        for i in idx:
+            op, stage, m, sub = flat[i]
+            c = cost[stage][m][sub]
+            if op == Op.F:
+                events.append((start[i], 1, c.saved_bytes))
+                flops += c.model_flops
+            else:
+                events.append((end[i], 0, -c.saved_bytes))
+        events.sort()
+        level = peak = static[rank].total_bytes
+        line = [(0.0, level)]
+        for time, _, delta in events:
+            level += delta
+            if level > peak:
+                peak = level
+            if detail:
+                line.append((time, level))
+        peaks.append(peak)
+        lines.append(tuple(line))
+    iteration = max(finish)
+    makespan = max(timeline.rank_end)
+    gpus = table.layout.num_ranks * costs.parallel.tp
+    transfers = []
+    for i, found in enumerate(deps if detail else ()):
+        for j, delay in found:
+            src, dst = stage_rank[flat[j].stage], stage_rank[flat[i].stage]
+            if src != dst:
+                transfers.append((src, dst, end[j], end[j] + delay, f"{flat[j]}->{flat[i]}"))
+    return SimResult(
+        iteration_time_s=iteration, pipeline_time_s=makespan,
+        lower_bound_s=max(b + d + o for b, d, o in zip(busy, dp_time, opt_time)),
+        bubble_ratio=1 - sum(busy) / (len(order) * makespan) if makespan else 0.0,
+        mfu=3 * flops / (iteration * gpus * hw.peak_flops) if iteration else 0.0,
+        busy_s=tuple(busy), dp_time_s=tuple(dp_time), optimizer_time_s=tuple(opt_time),
+        peak_memory_bytes=tuple(peaks), static_memory_bytes=tuple(s.total_bytes for s in static),
+        memory_timeline=tuple(lines) if detail else (),
+        actions=tuple(tuple(flat[i] for i in idx) for idx in order) if detail else (),
+        starts=tuple(tuple(start[i] for i in idx) for idx in order) if detail else (),
+        ends=tuple(tuple(end[i] for i in idx) for idx in order) if detail else (),
+        transfers=tuple(transfers))

@@ -109,6 +109,15 @@ class CostModel:
         return (self.structure(parts),
                 tuple(self.shape_id(shapes.get(p.module, _EMPTY)) for p in parts), recompute)
 
+    def cached(self, key: tuple) -> StageCost | None:
+        """A cached cost by stage_key (counted as a hit), or None (nothing counted)."""
+        if not self.reuse:
+            return None
+        found = self._cache.get(key)
+        if found is not None:
+            self.stats.hits += 1
+        return found
+
     def stage_cost(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
                    recompute: bool = False, key: tuple | None = None) -> StageCost:
         """Cost of a stage's parts on one (sub-)microbatch; key may be given precomputed

@@ -88,8 +88,11 @@ def price(costs: CostModel, layout: Layout, shapes: BatchShapes,
             row = []
             for k in range(len(shapes[first][m])):
                 key = (structure, tuple(ids[p.module][m][k] for p in parts), redo)
-                row.append(costs.stage_cost(parts, {p.module: shapes[p.module][m][k]
-                                                    for p in parts}, redo, key))
+                found = costs.cached(key)
+                if found is None:
+                    found = costs.stage_cost(parts, {p.module: shapes[p.module][m][k]
+                                                     for p in parts}, redo, key)
+                row.append(found)
             per_mb.append(tuple(row))
         out.append(tuple(per_mb))
     return PricedBatch(tuple(out))
@@ -107,13 +110,16 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
     cost = (priced or price(costs, layout, shapes, recompute)).costs
     stage_rank = [s.rank for s in layout.stages]
     subs = [[len(per_sub) for per_sub in per_mb] for per_mb in cost]
+    ones = [1] * table.num_microbatches
+    declared = dict(table.sub_microbatches)
     for s in layout.stages:
-        if any(table.subs(s.index, m) != subs[s.index][m] for m in range(table.num_microbatches)):
+        if list(declared.get(s.parts[0].module, ones)) != subs[s.index]:
             raise ValueError(f"stage {s.index}: the table's sub-microbatch counts differ from "
                              "the shapes given")
     flat: list[Action] = [a for actions in table.ranks for a in actions]
-    pos: dict[tuple[Op, int, int, int], int] = {
-        (a.op, a.stage, a.microbatch, a.sub): i for i, a in enumerate(flat)}
+    # Keys use 0/1 for F/B: hashing an Enum member runs Python code, a small int does not.
+    pos: dict[tuple[int, int, int, int], int] = {
+        (a.op is Op.B, a.stage, a.microbatch, a.sub): i for i, a in enumerate(flat)}
     order, k = [], 0
     for actions in table.ranks:
         order.append(range(k, k + len(actions)))
@@ -124,19 +130,19 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
     preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
     succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
     duration, deps = [], []
-    for op, s, m, sub in pos:
+    for backward, s, m, sub in pos:
         c = cost[s][m][sub]
         mine = subs[s][m]
-        if op == Op.F:
+        if not backward:
             duration.append(c.forward_s)
-            deps.append([(pos[(Op.F, src, m, j)], delay[src][s] * cost[src][m][j].output_bytes
+            deps.append([(pos[(False, src, m, j)], delay[src][s] * cost[src][m][j].output_bytes
                           + fixed[src][s])
                          for src, aligned in preds[s]
                          for j in _subs(aligned, subs[src][m], mine, sub)])
         else:
             duration.append(c.backward_s)
-            found = [(pos[(Op.F, s, m, sub)], 0.0)]
-            found += [(pos[(Op.B, dst, m, j)], delay[dst][s] * c.output_bytes + fixed[dst][s])
+            found = [(pos[(False, s, m, sub)], 0.0)]
+            found += [(pos[(True, dst, m, j)], delay[dst][s] * c.output_bytes + fixed[dst][s])
                       for dst, aligned in succs[s]
                       for j in _subs(aligned, subs[dst][m], mine, sub)]
             deps.append(found)
@@ -202,7 +208,7 @@ def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_ran
         for i in idx:
             op, stage, m, sub = flat[i]
             c = cost[stage][m][sub]
-            if op == Op.F:
+            if op is Op.F:
                 events.append((start[i], 1, c.saved_bytes))
                 flops += c.model_flops
             else:

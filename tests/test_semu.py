@@ -36,8 +36,10 @@ def test_no_op_beats_the_roofline():
                 for graph in costs.graphs((Part(module.name, 0, module.num_layers),),
                                           {module.name: shape}):
                     for op in graph.ops:
-                        bound = max(op.flops / hw.peak_flops, op.mem_bytes / hw.memory_bandwidth,
-                                    op.net_bytes / hw.intra_node_bandwidth)
+                        roof = costs.roofline
+                        bound = max(op.flops / roof.peak_flops,
+                                    op.mem_bytes / roof.memory_bandwidth,
+                                    op.net_bytes / roof.intra_node_bandwidth)
                         assert costs.op_latency(op) >= bound > 0, op
 
 

@@ -8,6 +8,7 @@ import sys
 from typing import Callable, Sequence
 
 from ..config import ConfigError, get_hardware, list_models, load_model, model_to_dict
+from ..profiler.args import ProfileError, add_parser as add_profile_parser
 from ..ir import LayoutError, ScheduleFormatError, ScheduleValidationError, render_grid
 from ..schedules import Baseline, ScheduleError, build_baseline
 from ..semu import (CalibrationError, CostModel, StuckSchedule, batch_shapes, load_calibration,
@@ -16,7 +17,8 @@ from ..workload import WorkloadError, TokenRules, record_trace, sample_workload,
 from .format import format_model, format_simulation
 
 USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
-               ScheduleValidationError, FileNotFoundError, CalibrationError, StuckSchedule)
+               ScheduleValidationError, FileNotFoundError, CalibrationError, StuckSchedule,
+               ProfileError)
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", metavar="OUT.png", help="timeline plot of iteration 0")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=cmd_simulate)
+
+    add_profile_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--model", default="VLM-S")

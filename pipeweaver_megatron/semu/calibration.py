@@ -43,6 +43,42 @@ class ClassFactors:
             raise ValueError(f"overhead_s must be >= 0, got {self.overhead_s}")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PhaseFactors:
+    """One phase of a transformer layer: time = sum over its ops of scale(op class) *
+    latency + overhead_s. Identity (all scales 1, no overhead) when not measured."""
+
+    gemm: float = 1.0
+    attention: float = 1.0
+    elementwise: float = 1.0
+    overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("gemm", "attention", "elementwise"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.overhead_s < 0:
+            raise ValueError(f"overhead_s must be >= 0, got {self.overhead_s}")
+
+    def scale(self, cls: OpClass) -> float:
+        """Multiplier of an op class's latencies inside a layer (1 for communication)."""
+        return getattr(self, cls.value, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerFactors:
+    """Per transformer layer, on top of its ops' latencies, fitted by `pipeweaver
+    profile` from real megatron-core layers: overhead_s is the framework's dispatch cost
+    of one layer (Python, autograd, small unmodelled ops) and the scales the efficiency
+    real layers lose or gain per op class (unfused norms and rotary, cache reuse)."""
+
+    forward: PhaseFactors = PhaseFactors()
+    backward: PhaseFactors = PhaseFactors()
+
+
+IDENTITY_LAYER = LayerFactors()
+
+
 DEFAULT_FACTORS: dict[OpClass, ClassFactors] = {
     OpClass.GEMM: ClassFactors(a_f=1 / 0.70, a_m=1 / 0.80, overhead_s=5e-6),
     OpClass.ATTENTION: ClassFactors(a_f=1 / 0.50, a_m=1 / 0.80, overhead_s=5e-6),
@@ -66,24 +102,46 @@ class Calibration:
     """Where the numbers come from (a file path or 'defaults')."""
     measurements: dict[str, Any] = field(default_factory=dict)
     """The raw microbenchmark points, kept for the record."""
+    peak_flops: float = 0.0
+    """Measured roofline peak (best GEMM FLOP/s); 0 keeps the hardware profile's."""
+    memory_bandwidth: float = 0.0
+    """Measured roofline bandwidth (best elementwise bytes/s); 0 keeps the profile's."""
+    causal_fraction: float = 0.5
+    """Cost of causal attention relative to full attention: 0.5 for kernels that skip
+    masked blocks (flash attention), ~1 for kernels that compute then mask."""
+    layer_factors: dict[str, LayerFactors] = field(default_factory=dict)
+    """Per module kind (vision_encoder, language_model, generator)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.causal_fraction <= 1:
+            raise ValueError(f"causal_fraction must be in (0, 1], got {self.causal_fraction}")
+        if self.peak_flops < 0 or self.memory_bandwidth < 0:
+            raise ValueError("measured peaks must be >= 0")
 
     def factor(self, cls: OpClass) -> ClassFactors:
         """Factors of one class."""
         return self.factors.get(cls, DEFAULT_FACTORS[cls])
 
-    @property
-    def key(self) -> tuple:
-        """Hashable identity for caches."""
-        return (self.hardware, tuple(sorted((c.value, f.a_f, f.a_m, f.a_n, f.overhead_s)
-                                            for c, f in self.factors.items())))
+    def layer(self, kind: str) -> LayerFactors:
+        """Layer factors of a module kind; a generator without its own uses the vision
+        encoder's (both bidirectional LayerNorm transformers)."""
+        found = self.layer_factors.get(kind)
+        if found is None and kind == "generator":
+            found = self.layer_factors.get("vision_encoder")
+        return found or IDENTITY_LAYER
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (enums by value)."""
         return {"schema_version": SCHEMA_VERSION, "hardware": self.hardware,
-                "device": self.device,
+                "device": self.device, "peak_flops": self.peak_flops,
+                "memory_bandwidth": self.memory_bandwidth,
+                "causal_fraction": self.causal_fraction,
                 "factors": {c.value: {"a_f": f.a_f, "a_m": f.a_m, "a_n": f.a_n,
                                       "overhead_s": f.overhead_s}
                             for c, f in self.factors.items()},
+                "layer_factors": {k: {"forward": _phase_json(f.forward),
+                                      "backward": _phase_json(f.backward)}
+                                  for k, f in self.layer_factors.items()},
                 "measurements": self.measurements}
 
     def save(self, path: str | Path) -> None:
@@ -111,11 +169,25 @@ def load_calibration(path: str | Path) -> Calibration:
             factors[OpClass(name)] = ClassFactors(**values)
         except (ValueError, TypeError) as exc:
             raise CalibrationError(f"{path}: factors.{name}: {exc}") from None
+    layers = {}
+    for kind, values in (data.get("layer_factors") or {}).items():
+        try:
+            layers[str(kind)] = LayerFactors(forward=PhaseFactors(**values["forward"]),
+                                             backward=PhaseFactors(**values["backward"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CalibrationError(f"{path}: layer_factors.{kind}: {exc}") from None
     if "hardware" not in data:
         raise CalibrationError(f"{path}: hardware: missing")
-    return Calibration(hardware=str(data["hardware"]), device=str(data.get("device", "")),
-                       factors={**DEFAULT_FACTORS, **factors}, source=str(path),
-                       measurements=data.get("measurements") or {})
+    try:
+        return Calibration(hardware=str(data["hardware"]), device=str(data.get("device", "")),
+                           factors={**DEFAULT_FACTORS, **factors}, source=str(path),
+                           measurements=data.get("measurements") or {},
+                           peak_flops=float(data.get("peak_flops", 0.0)),
+                           memory_bandwidth=float(data.get("memory_bandwidth", 0.0)),
+                           causal_fraction=float(data.get("causal_fraction", 0.5)),
+                           layer_factors=layers)
+    except (ValueError, TypeError) as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +217,36 @@ def fit_factors(points: Iterable[Point], peak_flops: float, memory_bandwidth: fl
     bound = terms.argmax(axis=1)
     ideal = terms.max(axis=1)
     seconds = np.array([p.seconds for p in pts])
-    design = np.stack([np.ones_like(ideal), ideal], axis=1) / seconds[:, None]
-    (overhead, slope), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
-    if overhead < 0 or slope <= 0:
-        overhead = 0.0
-        slope = float(np.median(seconds / np.maximum(ideal, 1e-30)))
+    overhead, slope = fit_linear(ideal, seconds)
     which = int(np.bincount(bound, minlength=3).argmax())
     values = {"a_f": 1.0, "a_m": 1.0, "a_n": 1.0}
     values[("a_f", "a_m", "a_n")[which]] = float(slope)
     return ClassFactors(overhead_s=float(overhead), **values)
+
+
+def fit_linear(x: "np.ndarray | list[float]", y: "np.ndarray | list[float]") -> tuple[float, float]:
+    """y ~ overhead + slope * x with overhead >= 0 and slope > 0, least squares on the
+    relative error (times span orders of magnitude)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    design = np.stack([np.ones_like(x), x], axis=1) / y[:, None]
+    (overhead, slope), *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
+    if overhead < 0 or slope <= 0:
+        overhead = 0.0
+        slope = float(np.sum(x / y) / np.sum((x / y) ** 2))
+    return float(overhead), float(slope)
+
+
+def _phase_json(f: PhaseFactors) -> dict[str, float]:
+    return {"gemm": f.gemm, "attention": f.attention, "elementwise": f.elementwise,
+            "overhead_s": f.overhead_s}
+
+
+def fit_phase(parts: "np.ndarray", measured: "np.ndarray") -> PhaseFactors:
+    """measured ~ overhead + scale * (sum of the layer's op latencies), least squares on
+    relative error, one scale for every class. (Per-class scales overfit the few,
+    noisy layer timings of a CPU; the fields stay so a calibration may set them apart.)
+    parts holds per shape the op latencies by class (gemm, attention, elementwise,
+    other)."""
+    parts, measured = np.asarray(parts, dtype=float), np.asarray(measured, dtype=float)
+    overhead, scale = fit_linear(parts.sum(axis=1), measured)
+    return PhaseFactors(gemm=scale, attention=scale, elementwise=scale, overhead_s=overhead)

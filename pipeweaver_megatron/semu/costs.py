@@ -13,7 +13,7 @@ graph, which gives identical numbers more slowly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from ..config import HardwareProfile, ModelSpec
@@ -82,14 +82,21 @@ class CostModel:
         self.calibration = self.calibration or Calibration(hardware=self.hardware.name)
         par = self.model.parallel
         sp = par.sequence_parallel if self.sequence_parallel is None else self.sequence_parallel
+        cal = self.calibration
         self.parallel = Parallel(tp=self.tp or par.tp, sequence_parallel=sp,
-                                 dtype_bytes=self.hardware.dtype_bytes)
-        self._factors = {c: self.calibration.factor(c) for c in OpClass}
+                                 dtype_bytes=self.hardware.dtype_bytes,
+                                 causal_fraction=cal.causal_fraction)
+        self.roofline = replace(self.hardware,
+                                peak_flops=cal.peak_flops or self.hardware.peak_flops,
+                                memory_bandwidth=cal.memory_bandwidth or self.hardware.memory_bandwidth)
+        """The hardware with the calibration's measured peaks: what op latencies use."""
+        self._factors = {c: cal.factor(c) for c in OpClass}
+        self._layer = {m.name: cal.layer(m.kind.value) for m in self.model.modules}
         self._module_layers = {m.name: m.num_layers for m in self.model.modules}
 
     def op_latency(self, op: Op) -> float:
         """overhead + max(a_f*FLOPs/F, a_m*bytes/B_mem, a_n*net/B_net) for one instance."""
-        fac, hw = self._factors[op.cls], self.hardware
+        fac, hw = self._factors[op.cls], self.roofline
         return fac.overhead_s + max(fac.a_f * op.flops / hw.peak_flops,
                                     fac.a_m * op.mem_bytes / hw.memory_bandwidth,
                                     fac.a_n * op.net_bytes / hw.intra_node_bandwidth)
@@ -154,11 +161,20 @@ class CostModel:
         times = {Phase.FORWARD: 0.0, Phase.BACKWARD_INPUT: 0.0, Phase.BACKWARD_WEIGHT: 0.0}
         again, saved, flops = 0.0, 0.0, 0.0
         graphs = self.graphs(parts, shapes)
-        for graph in graphs:
+        for part, graph in zip(parts, graphs):
+            layer = self._layer[part.module]
+            inside = {id(op) for op in graph.layer_ops}
             for op in graph.ops:
-                times[op.phase] += op.count * self.op_latency(op)
+                latency = op.count * self.op_latency(op)
+                if id(op) in inside:
+                    phase = layer.forward if op.phase == Phase.FORWARD else layer.backward
+                    latency *= phase.scale(op.cls)
+                times[op.phase] += latency
+            times[Phase.FORWARD] += layer.forward.overhead_s * graph.layers
+            times[Phase.BACKWARD_INPUT] += layer.backward.overhead_s * graph.layers
             if recompute:
-                again += sum(op.count * self.op_latency(op) for op in graph.layer_forward)
+                again += sum(op.count * self.op_latency(op) * layer.forward.scale(op.cls)
+                             for op in graph.layer_forward) + layer.forward.overhead_s * graph.layers
             saved += graph.checkpoint_bytes if recompute else graph.saved_bytes
             flops += graph.model_flops
         last = next((g for g in reversed(graphs) if g.output_tokens), None)

@@ -28,6 +28,8 @@ class Parallel:
     tp: int
     sequence_parallel: bool
     dtype_bytes: int
+    causal_fraction: float = 0.5
+    """Cost of causal attention relative to full (kernel property, from calibration)."""
 
     @property
     def seq_shard(self) -> int:
@@ -50,6 +52,10 @@ class PartGraph:
     output_hidden: int
     model_flops: float
     """Forward GEMM and attention FLOPs of all TP ranks (for MFU)."""
+    layer_ops: tuple[Op, ...] = ()
+    """The ops of the transformer layers (each with count = layers)."""
+    layers: int = 0
+    """Transformer layers in the part (0 for a projector)."""
 
 
 def gemm(name: str, m: float, n: float, k: float, par: Parallel, count: int = 1) -> list[Op]:
@@ -94,7 +100,7 @@ def layer_ops(spec: ModuleSpec, shape: ModuleShape, cond_hidden: int, par: Paral
     tokens = float(shape.tokens)
     h, f, kv = spec.hidden_size, spec.ffn_hidden_size, spec.query_groups * spec.head_dim
     heads, d = spec.num_attention_heads / t, spec.head_dim
-    squares = sum(s * s for s in shape.seqs) * (0.5 if spec.causal else 1.0)
+    squares = sum(s * s for s in shape.seqs) * (par.causal_fraction if spec.causal else 1.0)
     ops: list[Op] = []
     ag = [] if not par.sequence_parallel else tp_collective("allgather", tokens * h, par, count)
     ops += elementwise("norm1", tokens * h / rep, par, count=count) + ag
@@ -206,12 +212,16 @@ def part_graph(model: ModelSpec, module: str, first: int, last: int, shape: Modu
         extra, extra_saved = output_ops(model, spec, shape, par)
         ops, saved, checkpoint = ops + extra, saved + extra_saved, checkpoint + extra_saved
     forward = [op for op in layer if op.phase == F]
-    return _finish(ops, forward, saved, checkpoint, shape.tokens, spec.hidden_size, par)
+    return _finish(ops, forward, saved, checkpoint, shape.tokens, spec.hidden_size, par,
+                   len(layer), last - first)
 
 
-def _finish(ops, forward, saved, checkpoint, out_tokens, hidden, par: Parallel) -> PartGraph:
+def _finish(ops, forward, saved, checkpoint, out_tokens, hidden, par: Parallel,
+            layer_ops_count: int = 0, layers: int = 0) -> PartGraph:
     useful = sum(op.flops * op.count for op in ops
                  if op.phase == F and op.cls in (OpClass.GEMM, OpClass.ATTENTION))
+    start = next((i for i, op in enumerate(ops) if op is forward[0]), 0) if forward else 0
     return PartGraph(ops=tuple(ops), layer_forward=tuple(forward), saved_bytes=saved,
                      checkpoint_bytes=checkpoint, output_tokens=out_tokens, output_hidden=hidden,
-                     model_flops=useful * par.tp)
+                     model_flops=useful * par.tp,
+                     layer_ops=tuple(ops[start:start + layer_ops_count]), layers=layers)

@@ -184,6 +184,30 @@ class _Links:
         return self.overhead + (self.hw.intra_node_latency if same else self.hw.inter_node_latency)
 
 
+def _p2p_buffers(flat, deps, timeline, cost, stage_rank, ranks) -> list[list]:
+    """Memory events of received tensors: an activation is held from its arrival until
+    its forward starts (its saved activations include it from then on), a gradient from
+    its arrival until its backward ends."""
+    events: list[list] = [[] for _ in range(ranks)]
+    start, end = timeline.start, timeline.end
+    for i, found in enumerate(deps):
+        op, stage, m, sub = flat[i]
+        rank = stage_rank[stage]
+        for j, delay in found:
+            producer = flat[j]
+            if stage_rank[producer.stage] == rank:
+                continue
+            if op is Op.F:
+                size = cost[producer.stage][m][producer.sub].output_bytes
+                release = start[i]
+            else:
+                size = cost[stage][m][sub].output_bytes
+                release = end[i]
+            events[rank].append((end[j] + delay, 1, size))
+            events[rank].append((release, 0, -size))
+    return events
+
+
 def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_rank,
             distributed_optimizer, detail) -> SimResult:
     model, hw, par = costs.model, costs.hardware, costs.model.parallel
@@ -196,6 +220,7 @@ def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_ran
     start, end = timeline.start, timeline.end
     busy, dp_time, opt_time, finish, peaks, lines = [], [], [], [], [], []
     flops = 0.0
+    buffers = _p2p_buffers(flat, deps, timeline, cost, stage_rank, len(order))
     for rank, idx in enumerate(order):
         params = static[rank].params
         busy.append(sum(duration[i] for i in idx))
@@ -204,7 +229,7 @@ def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_ran
                        coll.overhead_s + coll.a_n * 2 * (par.dp - 1) / par.dp * grads / dp_bw)
         opt_time.append(elem.a_m * ADAM_TRAFFIC_BYTES * params / shards / hw.memory_bandwidth)
         finish.append(timeline.rank_end[rank] + dp_time[-1] + opt_time[-1])
-        events = []
+        events = buffers[rank]
         for i in idx:
             op, stage, m, sub = flat[i]
             c = cost[stage][m][sub]

@@ -129,26 +129,48 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
     fixed = [[link.fixed(a.index, b.index, layout) for b in layout.stages] for a in layout.stages]
     preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
     succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
-    duration, deps = [], []
+    compiled = _Compiled()
     for backward, s, m, sub in pos:
         c = cost[s][m][sub]
-        mine = subs[s][m]
+        mine, rank = subs[s][m], stage_rank[s]
         if not backward:
-            duration.append(c.forward_s)
-            deps.append([(pos[(False, src, m, j)], delay[src][s] * cost[src][m][j].output_bytes
-                          + fixed[src][s])
-                         for src, aligned in preds[s]
-                         for j in _subs(aligned, subs[src][m], mine, sub)])
+            compiled.duration.append(c.forward_s)
+            compiled.saved.append(c.saved_bytes)
+            compiled.flops += c.model_flops
+            found = []
+            for src, aligned in preds[s]:
+                for j in _subs(aligned, subs[src][m], mine, sub):
+                    size = cost[src][m][j].output_bytes
+                    found.append((pos[(False, src, m, j)], delay[src][s] * size + fixed[src][s]))
+                    if stage_rank[src] != rank:
+                        compiled.messages.append((rank, len(compiled.deps), found[-1], size, False))
         else:
-            duration.append(c.backward_s)
+            compiled.duration.append(c.backward_s)
+            compiled.saved.append(-c.saved_bytes)
             found = [(pos[(False, s, m, sub)], 0.0)]
-            found += [(pos[(True, dst, m, j)], delay[dst][s] * c.output_bytes + fixed[dst][s])
-                      for dst, aligned in succs[s]
-                      for j in _subs(aligned, subs[dst][m], mine, sub)]
-            deps.append(found)
-    timeline = run_streams(order, duration, deps)
-    return _result(costs, table, flat, order, duration, deps, timeline, cost, stage_rank,
+            size = c.output_bytes
+            for dst, aligned in succs[s]:
+                for j in _subs(aligned, subs[dst][m], mine, sub):
+                    found.append((pos[(True, dst, m, j)], delay[dst][s] * size + fixed[dst][s]))
+                    if stage_rank[dst] != rank:
+                        compiled.messages.append((rank, len(compiled.deps), found[-1], size, True))
+        compiled.deps.append(found)
+    timeline = run_streams(order, compiled.duration, compiled.deps)
+    return _result(costs, table, flat, order, compiled, timeline, stage_rank,
                    distributed_optimizer, detail)
+
+
+class _Compiled:
+    """Per action (flat index): duration, saved bytes (+ at a forward, - at a backward),
+    dependencies; the forward FLOPs; and the cross-rank messages
+    (consumer rank, consumer index, (producer index, delay), bytes, is gradient)."""
+
+    def __init__(self) -> None:
+        self.duration: list[float] = []
+        self.saved: list[float] = []
+        self.deps: list[list[tuple[int, float]]] = []
+        self.flops = 0.0
+        self.messages: list[tuple[int, int, tuple[int, float], float, bool]] = []
 
 
 def _subs(aligned: bool, count: int, mine: int, sub: int) -> range:
@@ -184,31 +206,20 @@ class _Links:
         return self.overhead + (self.hw.intra_node_latency if same else self.hw.inter_node_latency)
 
 
-def _p2p_buffers(flat, deps, timeline, cost, stage_rank, ranks) -> list[list]:
+def _p2p_buffers(compiled: _Compiled, timeline, ranks: int) -> list[list]:
     """Memory events of received tensors: an activation is held from its arrival until
     its forward starts (its saved activations include it from then on), a gradient from
     its arrival until its backward ends."""
     events: list[list] = [[] for _ in range(ranks)]
     start, end = timeline.start, timeline.end
-    for i, found in enumerate(deps):
-        op, stage, m, sub = flat[i]
-        rank = stage_rank[stage]
-        for j, delay in found:
-            producer = flat[j]
-            if stage_rank[producer.stage] == rank:
-                continue
-            if op is Op.F:
-                size = cost[producer.stage][m][producer.sub].output_bytes
-                release = start[i]
-            else:
-                size = cost[stage][m][sub].output_bytes
-                release = end[i]
-            events[rank].append((end[j] + delay, 1, size))
-            events[rank].append((release, 0, -size))
+    for rank, i, (j, delay), size, gradient in compiled.messages:
+        out = events[rank]
+        out.append((end[j] + delay, 1, size))
+        out.append((end[i] if gradient else start[i], 0, -size))
     return events
 
 
-def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_rank,
+def _result(costs, table, flat, order, compiled: _Compiled, timeline, stage_rank,
             distributed_optimizer, detail) -> SimResult:
     model, hw, par = costs.model, costs.hardware, costs.model.parallel
     static = costs.static_memory(table.layout, distributed_optimizer)
@@ -219,8 +230,8 @@ def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_ran
         else hw.inter_node_bandwidth
     start, end = timeline.start, timeline.end
     busy, dp_time, opt_time, finish, peaks, lines = [], [], [], [], [], []
-    flops = 0.0
-    buffers = _p2p_buffers(flat, deps, timeline, cost, stage_rank, len(order))
+    duration, saved, deps = compiled.duration, compiled.saved, compiled.deps
+    buffers = _p2p_buffers(compiled, timeline, len(order))
     for rank, idx in enumerate(order):
         params = static[rank].params
         busy.append(sum(duration[i] for i in idx))
@@ -230,14 +241,8 @@ def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_ran
         opt_time.append(elem.a_m * ADAM_TRAFFIC_BYTES * params / shards / hw.memory_bandwidth)
         finish.append(timeline.rank_end[rank] + dp_time[-1] + opt_time[-1])
         events = buffers[rank]
-        for i in idx:
-            op, stage, m, sub = flat[i]
-            c = cost[stage][m][sub]
-            if op is Op.F:
-                events.append((start[i], 1, c.saved_bytes))
-                flops += c.model_flops
-            else:
-                events.append((end[i], 0, -c.saved_bytes))
+        events += [(start[i], 1, saved[i]) if saved[i] >= 0 else (end[i], 0, saved[i])
+                   for i in idx]
         events.sort()
         level = peak = static[rank].total_bytes
         line = [(0.0, level)]
@@ -262,7 +267,7 @@ def _result(costs, table, flat, order, duration, deps, timeline, cost, stage_ran
         iteration_time_s=iteration, pipeline_time_s=makespan,
         lower_bound_s=max(b + d + o for b, d, o in zip(busy, dp_time, opt_time)),
         bubble_ratio=1 - sum(busy) / (len(order) * makespan) if makespan else 0.0,
-        mfu=3 * flops / (iteration * gpus * hw.peak_flops) if iteration else 0.0,
+        mfu=3 * compiled.flops / (iteration * gpus * hw.peak_flops) if iteration else 0.0,
         busy_s=tuple(busy), dp_time_s=tuple(dp_time), optimizer_time_s=tuple(opt_time),
         peak_memory_bytes=tuple(peaks), static_memory_bytes=tuple(s.total_bytes for s in static),
         memory_timeline=tuple(lines) if detail else (),

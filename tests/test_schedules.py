@@ -58,13 +58,8 @@ def test_megatron_placement_balances_the_rest_by_parameters(name):
     layout = megatron_layout(model, model.parallel.pp, model.parallel.vp)
     loads = []
     for stage in layout.stages[1:]:
-        load = 0
-        for part in stage.parts:
-            module = model.module(part.module)
-            load += part.num_layers * model.layer_params(part.module)
-            load += module.input_params() if part.first_layer == 0 else 0
-            load += model.output_params(part.module) if part.last_layer == module.num_layers else 0
-        loads.append(load)
+        loads.append(sum(model.part_params(p.module, p.first_layer, p.last_layer)
+                         for p in stage.parts))
     biggest_layer = max(model.layer_params(m.name) + model.output_params(m.name)
                         for m in model.modules if m.is_transformer)
     # Balanced up to one layer (plus an LM head or DiT output) per stage.

@@ -171,6 +171,17 @@ class ModelSpec:
         """Weights behind a module's last layer, as this model uses it."""
         return self.module(name).output_params(self.has_head(name))
 
+    def part_params(self, name: str, first: int, last: int) -> int:
+        """Weights of layers [first, last) of a module, with its input weights when
+        first == 0 and its output weights when last is its last layer."""
+        module = self.module(name)
+        count = (last - first) * self.layer_params(name)
+        if first == 0:
+            count += module.input_params()
+        if last == module.num_layers:
+            count += self.output_params(name)
+        return count
+
     def module_params(self, name: str) -> int:
         """All weights of a module."""
         return self.module(name).params(self.condition_hidden(name), self.has_head(name))

@@ -51,15 +51,8 @@ def megatron_layout(model: ModelSpec, pp: int, vp: int = 1) -> Layout:
 def _units(model: ModelSpec) -> list[_Unit]:
     units = []
     for name in model.order:
-        module = model.module(name)
-        per_layer = model.layer_params(name)
-        for layer in range(module.num_layers):
-            weight = per_layer
-            if layer == 0:
-                weight += module.input_params()
-            if layer == module.num_layers - 1:
-                weight += model.output_params(name)
-            units.append(_Unit(name, layer, weight))
+        for layer in range(model.module(name).num_layers):
+            units.append(_Unit(name, layer, model.part_params(name, layer, layer + 1)))
     return units
 
 

@@ -39,13 +39,8 @@ def rank_params(model: ModelSpec, layout: Layout, tp: int) -> list[float]:
     totals = [0.0] * layout.num_ranks
     for stage in layout.stages:
         for part in stage.parts:
-            module = model.module(part.module)
-            count = part.num_layers * model.layer_params(part.module)
-            if part.first_layer == 0:
-                count += module.input_params()
-            if part.last_layer == module.num_layers:
-                count += model.output_params(part.module)
-            totals[stage.rank] += count / tp
+            totals[stage.rank] += model.part_params(part.module, part.first_layer,
+                                                    part.last_layer) / tp
     return totals
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pipeweaver_megatron.config import list_models, load_model
 from pipeweaver_megatron.ir import Op
 from pipeweaver_megatron.schedules import ScheduleError, build_baseline, megatron_layout
-from pipeweaver_megatron.schedules.placement import _balanced_partition
+from pipeweaver_megatron.schedules.placement import balanced_partition
 
 
 def brute_force(weights, parts, extra):
@@ -29,7 +29,7 @@ def brute_force(weights, parts, extra):
 @given(st.lists(st.integers(1, 50), min_size=2, max_size=9), st.integers(0, 120), st.data())
 def test_partition_is_optimal(weights, extra, data):
     parts = data.draw(st.integers(1, len(weights)))
-    bounds = _balanced_partition(weights, parts, extra)
+    bounds = balanced_partition(weights, parts, extra)
     assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == len(weights)
     assert all(lo < hi for lo, hi in bounds)
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))

@@ -39,7 +39,7 @@ def megatron_layout(model: ModelSpec, pp: int, vp: int = 1) -> Layout:
     if len(rest) < num_stages:
         raise ScheduleError(f"{num_stages} stages (pp={pp} x vp={vp}) need at least "
                             f"{num_stages} LM/generator layers, the model has {len(rest)}")
-    bounds = _balanced_partition([u.weight for u in rest], num_stages,
+    bounds = balanced_partition([u.weight for u in rest], num_stages,
                                 first_extra=sum(u.weight for u in forced))
     stages = []
     for index, (lo, hi) in enumerate(bounds):
@@ -66,7 +66,7 @@ def _parts(units: list[_Unit]) -> tuple[Part, ...]:
     return tuple(parts)
 
 
-def _balanced_partition(weights: list[int], parts: int, first_extra: int = 0) -> list[tuple[int, int]]:
+def balanced_partition(weights: list[int], parts: int, first_extra: int = 0) -> list[tuple[int, int]]:
     """Split weights into `parts` non-empty consecutive runs; the first run also carries
     first_extra. First the heaviest run is made as light as possible (M*), then, among
     splits with every run <= M*, the sum of squared loads is minimised so that the runs

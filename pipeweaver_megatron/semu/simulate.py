@@ -124,7 +124,7 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
     for actions in table.ranks:
         order.append(range(k, k + len(actions)))
         k += len(actions)
-    link = _Links(costs)
+    link = Links(costs)
     delay = [[link.delay(a.rank, b.rank) for b in layout.stages] for a in layout.stages]
     fixed = [[link.fixed(a.index, b.index, layout) for b in layout.stages] for a in layout.stages]
     preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
@@ -177,7 +177,7 @@ def _subs(aligned: bool, count: int, mine: int, sub: int) -> range:
     return range(sub, sub + 1) if aligned and count == mine else range(count)
 
 
-class _Links:
+class Links:
     """P2P delay between pipeline ranks (Megatron rank order: TP, DP, then PP)."""
 
     def __init__(self, costs: CostModel) -> None:

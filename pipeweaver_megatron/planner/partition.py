@@ -1,0 +1,136 @@
+"""Offline chunk partitioner: modality-aware chunks fixed for the whole training run.
+
+For each module i (PAPER.md, "Chunk partitioner"):
+- B_i, the sub-microbatch size: the smallest size whose throughput (instances per
+  second through one layer, priced by SEMU) keeps >= 95% of the best over the sizes
+  tried. Encoders and generators split by instances (images, clips); the LM takes whole
+  microbatches (B = 1).
+- T_i, the latency of the whole module on one sub-microbatch of size B_i (forward +
+  backward); with T_1 the smallest, module i gets K_i = floor(T_i / T_1) segments, i.e.
+  P * K_i chunks of consecutive layers (at most one layer per chunk), balanced by SEMU's
+  per-layer cost (the first layer carries the input weights, the last the output head),
+  chunk c on rank c mod P.
+- The projector rides on the last chunk of its encoder; stages of different modules are
+  never mixed otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import ModelSpec, ModuleKind
+from ..ir import Layout, Part, Stage
+from ..schedules.placement import balanced_partition, module_infos
+from ..semu import CostModel, ModuleShape
+
+EFFICIENCY = 0.95
+"""Fraction of the best throughput the chosen sub-microbatch size must keep."""
+
+
+class PartitionError(ValueError):
+    """The model cannot be cut as asked (too few layers, memory)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkPlan:
+    """The partitioner's decision and the Layout it builds."""
+
+    layout: Layout
+    sub_size: dict[str, int]
+    """B_i: instances per sub-microbatch (images, clips; 1 microbatch for the LM)."""
+    segments: dict[str, int]
+    """K_i: segments (rows of P chunks) per module."""
+    latency_s: dict[str, float]
+    """T_i: forward + backward of the whole module on one sub-microbatch of size B_i."""
+
+
+def unit_shape(model: ModelSpec, name: str, size: int) -> ModuleShape:
+    """A representative shape of `size` instances (or one full microbatch for the LM)."""
+    module = model.module(name)
+    if module.kind in (ModuleKind.VISION_ENCODER, ModuleKind.PROJECTOR):
+        encoder = module if module.image else model.module(model.upstream(name)[0])
+        rule = encoder.image
+        return ModuleShape((rule.encoder_tokens(rule.image_size, rule.image_size),) * size)
+    if module.kind == ModuleKind.GENERATOR:
+        rule = module.video
+        seconds = rule.max_seconds_per_microbatch / rule.max_clips_per_microbatch
+        return ModuleShape((rule.tokens(seconds),) * size, (64,) * size)
+    return ModuleShape((model.parallel.microbatch_tokens,))
+
+
+def max_instances(model: ModelSpec, name: str) -> int:
+    module = model.module(name)
+    if module.kind == ModuleKind.VISION_ENCODER:
+        return model.parallel.max_images_per_microbatch
+    if module.kind == ModuleKind.GENERATOR:
+        return module.video.max_clips_per_microbatch
+    return 1
+
+
+def choose_sub_size(costs: CostModel, name: str) -> int:
+    """B_i: smallest power-of-two size within EFFICIENCY of the best throughput."""
+    model, limit = costs.model, max_instances(costs.model, name)
+    sizes = sorted({min(2 ** k, limit) for k in range(0, limit.bit_length() + 1)})
+    throughput = {}
+    for size in sizes:
+        cost = costs.stage_cost((Part(name, 1, 2),), {name: unit_shape(model, name, size)})
+        throughput[size] = size / (cost.forward_s + cost.backward_s)
+    best = max(throughput.values())
+    return min(s for s in sizes if throughput[s] >= EFFICIENCY * best)
+
+
+def partition(costs: CostModel, num_ranks: int | None = None) -> ChunkPlan:
+    """Cut every transformer module into P*K_i chunks; the projector joins its encoder."""
+    model = costs.model
+    ranks = num_ranks or model.parallel.pp
+    stacks = [n for n in model.order if model.module(n).is_transformer]
+    sizes = {n: choose_sub_size(costs, n) for n in stacks}
+    latency = {}
+    for name in stacks:
+        layers = model.module(name).num_layers
+        cost = costs.stage_cost((Part(name, 0, layers),), {name: unit_shape(model, name, sizes[name])})
+        latency[name] = cost.forward_s + cost.backward_s
+    fastest = min(latency.values())
+    segments = {}
+    for name in stacks:
+        layers = model.module(name).num_layers
+        if layers < ranks:
+            raise PartitionError(f"module {name!r} has {layers} layers, fewer than pp={ranks}")
+        segments[name] = max(1, min(int(latency[name] // fastest), layers // ranks))
+    stages: list[Stage] = []
+    for name in stacks:
+        chunks = ranks * segments[name]
+        bounds = _layer_bounds(costs, name, chunks, sizes[name])
+        for c, (lo, hi) in enumerate(bounds):
+            parts = [Part(name, lo, hi)]
+            if c == chunks - 1:
+                parts += [Part(p, 0, 1) for p in model.downstream(name)
+                          if model.module(p).kind == ModuleKind.PROJECTOR]
+            stages.append(Stage(len(stages), c % ranks, tuple(parts)))
+    layout = Layout(ranks, module_infos(model), tuple(stages))
+    return ChunkPlan(layout=layout, sub_size=sizes, segments=segments, latency_s=latency)
+
+
+def _layer_bounds(costs: CostModel, name: str, chunks: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive layer runs balanced by SEMU's per-layer time."""
+    layers = costs.model.module(name).num_layers
+    shape = {name: unit_shape(costs.model, name, size)}
+
+    def micros(lo: int) -> int:
+        cost = costs.stage_cost((Part(name, lo, lo + 1),), shape)
+        return max(1, round((cost.forward_s + cost.backward_s) * 1e6))
+
+    middle = micros(1) if layers > 2 else 0
+    weights = [micros(0)] + [middle] * (layers - 2) + ([micros(layers - 1)] if layers > 1 else [])
+    return balanced_partition(weights, chunks)
+
+
+def stage_capacity_check(costs: CostModel, plan: ChunkPlan, capacity_bytes: float) -> None:
+    """Fail clearly when the weights and optimizer state alone exceed a rank's memory."""
+    for rank, static in enumerate(costs.static_memory(plan.layout)):
+        if static.total_bytes > capacity_bytes:
+            raise PartitionError(
+                f"rank {rank} needs {static.total_bytes / 2**30:.1f} GiB for weights, "
+                f"gradients and optimizer state, more than {capacity_bytes / 2**30:.1f} GiB")
+    return None

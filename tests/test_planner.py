@@ -94,3 +94,10 @@ def test_greedy_interleave_gives_valid_tables(name, dataset):
         assert simulated.pipeline_time_s == pytest.approx(result.makespan_s)
         for actions in result.table.ranks:
             assert {a.op for a in actions} <= {Op.F, Op.B}
+
+
+def test_partition_rejects_a_rank_without_room_for_its_weights():
+    from pipeweaver_megatron.planner import PartitionError
+
+    with pytest.raises(PartitionError, match=r"rank 0 needs .* GiB for weights"):
+        partition(costs_of("vlm-s"), capacity_bytes=2**30)

@@ -16,7 +16,6 @@ For each module i (PAPER.md, "Chunk partitioner"):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..config import ModelSpec, ModuleKind
@@ -80,8 +79,12 @@ def choose_sub_size(costs: CostModel, name: str) -> int:
     return min(s for s in sizes if throughput[s] >= EFFICIENCY * best)
 
 
-def partition(costs: CostModel, num_ranks: int | None = None) -> ChunkPlan:
-    """Cut every transformer module into P*K_i chunks; the projector joins its encoder."""
+def partition(costs: CostModel, num_ranks: int | None = None,
+              capacity_bytes: float | None = None) -> ChunkPlan:
+    """Cut every transformer module into P*K_i chunks; the projector joins its encoder.
+
+    Raises PartitionError when a rank's weights, gradients and optimizer state alone
+    exceed capacity_bytes (default: the hardware's memory)."""
     model = costs.model
     ranks = num_ranks or model.parallel.pp
     stacks = [n for n in model.order if model.module(n).is_transformer]
@@ -109,7 +112,9 @@ def partition(costs: CostModel, num_ranks: int | None = None) -> ChunkPlan:
                           if model.module(p).kind == ModuleKind.PROJECTOR]
             stages.append(Stage(len(stages), c % ranks, tuple(parts)))
     layout = Layout(ranks, module_infos(model), tuple(stages))
-    return ChunkPlan(layout=layout, sub_size=sizes, segments=segments, latency_s=latency)
+    plan = ChunkPlan(layout=layout, sub_size=sizes, segments=segments, latency_s=latency)
+    check_capacity(costs, plan, capacity_bytes or costs.hardware.memory_capacity)
+    return plan
 
 
 def _layer_bounds(costs: CostModel, name: str, chunks: int, size: int) -> list[tuple[int, int]]:
@@ -126,11 +131,10 @@ def _layer_bounds(costs: CostModel, name: str, chunks: int, size: int) -> list[t
     return balanced_partition(weights, chunks)
 
 
-def stage_capacity_check(costs: CostModel, plan: ChunkPlan, capacity_bytes: float) -> None:
+def check_capacity(costs: CostModel, plan: ChunkPlan, capacity_bytes: float) -> None:
     """Fail clearly when the weights and optimizer state alone exceed a rank's memory."""
     for rank, static in enumerate(costs.static_memory(plan.layout)):
         if static.total_bytes > capacity_bytes:
             raise PartitionError(
                 f"rank {rank} needs {static.total_bytes / 2**30:.1f} GiB for weights, "
                 f"gradients and optimizer state, more than {capacity_bytes / 2**30:.1f} GiB")
-    return None

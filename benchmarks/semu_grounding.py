@@ -18,7 +18,6 @@ import json
 import shlex
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ warnings.filterwarnings("ignore")  # megatron-core's import-time notes about ape
 
 import torch  # noqa: E402
 
-from pipeweaver_megatron.config import ModelSpec, ModuleSpec, get_hardware, load_model  # noqa: E402
+from pipeweaver_megatron.config import ModelSpec, get_hardware, load_model  # noqa: E402
 from pipeweaver_megatron.models import init_single_process, teardown  # noqa: E402
 from pipeweaver_megatron.profiler.layers import resized_model, time_layer, warm_up  # noqa: E402
 
@@ -114,7 +113,6 @@ def predict(results: list[Result], model: ModelSpec, args: argparse.Namespace) -
     calibration = calibration_for(args)
     hardware = get_hardware(calibration.hardware)
     for r in results:
-        scale = r.hidden // model.module(r.module).hidden_size
         cm = cost_model(resized_model(model, r.module, r.hidden), hardware, calibration)
         cost = cm.stage_cost((part(r.module, 1, 2),), {r.module: module_shape(tuple(r.lengths))})
         r.predicted_forward_s, r.predicted_backward_s = cost.forward_s, cost.backward_s
@@ -127,7 +125,7 @@ def predict(results: list[Result], model: ModelSpec, args: argparse.Namespace) -
 
 def markdown(results: list[Result], command: str, calibration: str) -> str:
     """The report: per case measured vs predicted, then the mean absolute errors."""
-    lines = [f"# SEMU grounding: one megatron-core layer, measured vs predicted", "",
+    lines = ["# SEMU grounding: one megatron-core layer, measured vs predicted", "",
              f"Made by `{command}` on {torch.get_num_threads()} CPU threads, "
              f"torch {torch.__version__}, fp32.", "",
              "Measured: median forward and backward of one megatron-core TransformerLayer "

@@ -22,7 +22,7 @@ is never sent.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 from .action import Action, Op
 from .errors import ScheduleValidationError

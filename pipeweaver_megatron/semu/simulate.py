@@ -221,7 +221,7 @@ def _p2p_buffers(compiled: _Compiled, timeline, ranks: int) -> list[list]:
 
 def _result(costs, table, flat, order, compiled: _Compiled, timeline, stage_rank,
             distributed_optimizer, detail) -> SimResult:
-    model, hw, par = costs.model, costs.hardware, costs.model.parallel
+    hw, par = costs.hardware, costs.model.parallel
     static = costs.static_memory(table.layout, distributed_optimizer)
     shards = par.dp if distributed_optimizer else 1
     coll = costs.calibration.factor(OpClass.COLLECTIVE)

@@ -41,10 +41,8 @@ def _at_least_one(factors: ClassFactors) -> ClassFactors:
 
 
 def predict(factors: ClassFactors, m: Measurement, hw: HardwareProfile) -> float:
-    """SEMU's latency of a measured op: overhead + max of the three roofline terms."""
-    return factors.overhead_s + max(factors.a_f * m.flops / hw.peak_flops,
-                                    factors.a_m * m.mem_bytes / hw.memory_bandwidth,
-                                    factors.a_n * m.net_bytes / hw.intra_node_bandwidth)
+    """SEMU's latency of a measured op (the cost model's own formula)."""
+    return factors.latency(m.flops, m.mem_bytes, m.net_bytes, hw)
 
 
 def fit_calibration(measurements: Iterable[Measurement], hw: HardwareProfile, device_label: str,

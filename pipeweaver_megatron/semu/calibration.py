@@ -35,6 +35,13 @@ class ClassFactors:
     overhead_s: float = 0.0
     """Fixed cost per op (kernel launch, framework dispatch)."""
 
+    def latency(self, flops: float, mem_bytes: float, net_bytes: float, hw: Any) -> float:
+        """The one roofline formula: overhead + max of the compute, memory and link terms
+        against hw's peak_flops, memory_bandwidth and intra_node_bandwidth."""
+        return self.overhead_s + max(self.a_f * flops / hw.peak_flops,
+                                     self.a_m * mem_bytes / hw.memory_bandwidth,
+                                     self.a_n * net_bytes / hw.intra_node_bandwidth)
+
     def __post_init__(self) -> None:
         for key in ("a_f", "a_m", "a_n"):
             if not getattr(self, key) > 0:

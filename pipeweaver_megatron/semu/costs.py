@@ -96,10 +96,8 @@ class CostModel:
 
     def op_latency(self, op: Op) -> float:
         """overhead + max(a_f*FLOPs/F, a_m*bytes/B_mem, a_n*net/B_net) for one instance."""
-        fac, hw = self._factors[op.cls], self.roofline
-        return fac.overhead_s + max(fac.a_f * op.flops / hw.peak_flops,
-                                    fac.a_m * op.mem_bytes / hw.memory_bandwidth,
-                                    fac.a_n * op.net_bytes / hw.intra_node_bandwidth)
+        return self._factors[op.cls].latency(op.flops, op.mem_bytes, op.net_bytes,
+                                             self.roofline)
 
     def structure(self, parts: Sequence[Part]) -> tuple:
         """The structural half of a stage key: per part module, layers, input, output."""

@@ -17,6 +17,13 @@ from functools import cached_property
 from .errors import LayoutError
 
 
+def matching_subs(aligned: bool, count: int, mine: int, sub: int) -> range:
+    """Sub-microbatches of the stage at the other end of an edge that sub-microbatch
+    `sub` of this stage exchanges data with: the same one over an aligned edge between
+    equal counts, otherwise all `count` of them (see [Note: stage dependencies])."""
+    return range(sub, sub + 1) if aligned and count == mine else range(count)
+
+
 @dataclass(frozen=True, slots=True)
 class Part:
     """Layers [first_layer, last_layer) of one module inside a stage."""

@@ -27,6 +27,7 @@ from collections import deque
 from .action import Action, Op
 from .errors import ScheduleValidationError
 from .render import render_grid
+from .stage import matching_subs
 from .table import ScheduleTable
 
 Message = tuple[Action, int]
@@ -113,13 +114,11 @@ def dependencies(table: ScheduleTable, action: Action) -> list[Action]:
     else:
         edges, ends, op = layout.successors(action.stage), "dst", Op.B
         deps = [Action(Op.F, action.stage, m, action.sub)]
+    mine = table.subs(action.stage, m)
     for edge in edges:
         other = getattr(edge, ends)
-        count = table.subs(other, m)
-        if edge.aligned and count == table.subs(action.stage, m):
-            deps.append(Action(op, other, m, action.sub))
-        else:
-            deps.extend(Action(op, other, m, k) for k in range(count))
+        deps.extend(Action(op, other, m, k)
+                    for k in matching_subs(edge.aligned, table.subs(other, m), mine, action.sub))
     return deps
 
 

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from ..ir import Action, Layout, Op, ScheduleTable
+from ..ir import Action, Layout, Op, ScheduleTable, matching_subs
 from ..semu import CostModel, Links, StageCost
 
 
@@ -78,10 +78,7 @@ class _State:
         self.live = [0.0] * ranks
         self.capacity = list(capacity) if capacity else [float("inf")] * ranks
         self.orders: list[list[Action]] = [[] for _ in range(ranks)]
-        links = Links(costs)
-        self.per_byte = [[links.delay(a.rank, b.rank) for b in layout.stages] for a in layout.stages]
-        self.fixed = [[links.fixed(a.index, b.index, layout) for b in layout.stages]
-                      for a in layout.stages]
+        self.per_byte, self.fixed = Links(costs).between_stages(layout)
         self.preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
         self.succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
         self.end: dict[Action, float] = {}
@@ -105,14 +102,14 @@ class _State:
         out = []
         if a.op == Op.F:
             for src, aligned in self.preds[s]:
-                for j in _subs(aligned, self.subs[src][m], mine, k):
+                for j in matching_subs(aligned, self.subs[src][m], mine, k):
                     size = self.cost[src][m][j].output_bytes
                     out.append((Action(Op.F, src, m, j), self.per_byte[src][s] * size + self.fixed[src][s]))
         else:
             out.append((Action(Op.F, s, m, k), 0.0))
             size = self.cost[s][m][k].output_bytes
             for dst, aligned in self.succs[s]:
-                for j in _subs(aligned, self.subs[dst][m], mine, k):
+                for j in matching_subs(aligned, self.subs[dst][m], mine, k):
                     out.append((Action(Op.B, dst, m, j), self.per_byte[dst][s] * size + self.fixed[dst][s]))
         return out
 
@@ -203,7 +200,3 @@ class _State:
 
     def blocked(self) -> list[Action]:
         return [a for ready in self.ready for a in ready]
-
-
-def _subs(aligned: bool, count: int, mine: int, sub: int) -> range:
-    return range(sub, sub + 1) if aligned and count == mine else range(count)

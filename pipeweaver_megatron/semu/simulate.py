@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
 from ..config import ModelSpec
-from ..ir import Action, Layout, Op, ScheduleTable
+from ..ir import Action, Layout, Op, ScheduleTable, matching_subs
 from ..workload import GlobalBatch, TokenRules
 from .core import run_streams
 from .costs import CostModel, StageCost
@@ -124,9 +124,7 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
     for actions in table.ranks:
         order.append(range(k, k + len(actions)))
         k += len(actions)
-    link = Links(costs)
-    delay = [[link.delay(a.rank, b.rank) for b in layout.stages] for a in layout.stages]
-    fixed = [[link.fixed(a.index, b.index, layout) for b in layout.stages] for a in layout.stages]
+    delay, fixed = Links(costs).between_stages(layout)
     preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
     succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
     compiled = _Compiled()
@@ -139,7 +137,7 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
             compiled.flops += c.model_flops
             found = []
             for src, aligned in preds[s]:
-                for j in _subs(aligned, subs[src][m], mine, sub):
+                for j in matching_subs(aligned, subs[src][m], mine, sub):
                     size = cost[src][m][j].output_bytes
                     found.append((pos[(False, src, m, j)], delay[src][s] * size + fixed[src][s]))
                     if stage_rank[src] != rank:
@@ -150,7 +148,7 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
             found = [(pos[(False, s, m, sub)], 0.0)]
             size = c.output_bytes
             for dst, aligned in succs[s]:
-                for j in _subs(aligned, subs[dst][m], mine, sub):
+                for j in matching_subs(aligned, subs[dst][m], mine, sub):
                     found.append((pos[(True, dst, m, j)], delay[dst][s] * size + fixed[dst][s]))
                     if stage_rank[dst] != rank:
                         compiled.messages.append((rank, len(compiled.deps), found[-1], size, True))
@@ -173,10 +171,6 @@ class _Compiled:
         self.messages: list[tuple[int, int, tuple[int, float], float, bool]] = []
 
 
-def _subs(aligned: bool, count: int, mine: int, sub: int) -> range:
-    return range(sub, sub + 1) if aligned and count == mine else range(count)
-
-
 class Links:
     """P2P delay between pipeline ranks (Megatron rank order: TP, DP, then PP)."""
 
@@ -196,6 +190,13 @@ class Links:
             return 0.0
         same = self._same_node(src, dst)
         return self.a_n / (self.hw.intra_node_bandwidth if same else self.hw.inter_node_bandwidth)
+
+    def between_stages(self, layout: Layout) -> tuple[list[list[float]], list[list[float]]]:
+        """[src stage][dst stage] seconds per byte and seconds per message."""
+        per_byte = [[self.delay(a.rank, b.rank) for b in layout.stages] for a in layout.stages]
+        fixed = [[self.fixed(a.index, b.index, layout) for b in layout.stages]
+                 for a in layout.stages]
+        return per_byte, fixed
 
     def fixed(self, src_stage: int, dst_stage: int, layout: Layout) -> float:
         """Per-message latency between the ranks of two stages (0 on the same rank)."""

@@ -42,8 +42,6 @@ class PartGraph:
     """Ops and memory of one part (consecutive layers of one module) on one TP rank."""
 
     ops: tuple[Op, ...]
-    layer_forward: tuple[Op, ...]
-    """The forward ops of the transformer layers: what full recompute runs again."""
     saved_bytes: float
     """Activations kept from forward to backward without recompute."""
     checkpoint_bytes: float
@@ -56,6 +54,11 @@ class PartGraph:
     """The ops of the transformer layers (each with count = layers)."""
     layers: int = 0
     """Transformer layers in the part (0 for a projector)."""
+
+    @property
+    def layer_forward(self) -> tuple[Op, ...]:
+        """The forward ops of the transformer layers: what full recompute runs again."""
+        return tuple(op for op in self.layer_ops if op.phase == F)
 
 
 def gemm(name: str, m: float, n: float, k: float, par: Parallel, count: int = 1) -> list[Op]:
@@ -196,11 +199,11 @@ def part_graph(model: ModelSpec, module: str, first: int, last: int, shape: Modu
     """The graph of layers [first, last) of a module for one shape."""
     spec = model.module(module)
     if shape.tokens == 0:
-        return PartGraph(ops=(), layer_forward=(), saved_bytes=0.0, checkpoint_bytes=0.0,
+        return PartGraph(ops=(), saved_bytes=0.0, checkpoint_bytes=0.0,
                          output_tokens=0, output_hidden=spec.hidden_size, model_flops=0.0)
     if spec.kind == ModuleKind.PROJECTOR:
         ops, saved, out_tokens = projector_ops(model, spec, shape, par)
-        return _finish(ops, [], saved, saved, out_tokens, spec.hidden_size, par)
+        return _finish(ops, (), saved, saved, out_tokens, spec.hidden_size, par, 0)
     layer, per_layer, checkpoint = layer_ops(spec, shape, model.condition_hidden(module), par,
                                              last - first)
     ops, saved = list(layer), per_layer * (last - first)
@@ -211,17 +214,14 @@ def part_graph(model: ModelSpec, module: str, first: int, last: int, shape: Modu
     if last == spec.num_layers:
         extra, extra_saved = output_ops(model, spec, shape, par)
         ops, saved, checkpoint = ops + extra, saved + extra_saved, checkpoint + extra_saved
-    forward = [op for op in layer if op.phase == F]
-    return _finish(ops, forward, saved, checkpoint, shape.tokens, spec.hidden_size, par,
-                   len(layer), last - first)
+    return _finish(ops, tuple(layer), saved, checkpoint, shape.tokens, spec.hidden_size, par,
+                   last - first)
 
 
-def _finish(ops, forward, saved, checkpoint, out_tokens, hidden, par: Parallel,
-            layer_ops_count: int = 0, layers: int = 0) -> PartGraph:
+def _finish(ops, layer: tuple[Op, ...], saved, checkpoint, out_tokens, hidden, par: Parallel,
+            layers: int) -> PartGraph:
     useful = sum(op.flops * op.count for op in ops
                  if op.phase == F and op.cls in (OpClass.GEMM, OpClass.ATTENTION))
-    start = next((i for i, op in enumerate(ops) if op is forward[0]), 0) if forward else 0
-    return PartGraph(ops=tuple(ops), layer_forward=tuple(forward), saved_bytes=saved,
-                     checkpoint_bytes=checkpoint, output_tokens=out_tokens, output_hidden=hidden,
-                     model_flops=useful * par.tp,
-                     layer_ops=tuple(ops[start:start + layer_ops_count]), layers=layers)
+    return PartGraph(ops=tuple(ops), saved_bytes=saved, checkpoint_bytes=checkpoint,
+                     output_tokens=out_tokens, output_hidden=hidden, model_flops=useful * par.tp,
+                     layer_ops=layer, layers=layers)

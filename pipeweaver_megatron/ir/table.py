@@ -33,12 +33,12 @@ class ScheduleTable:
 
     def subs(self, stage: int, microbatch: int) -> int:
         """Sub-microbatches of a stage for one microbatch (its first part's module)."""
-        module = self.layout.stages[stage].parts[0].module
-        return self._sub_counts.get(module, (1,) * self.num_microbatches)[microbatch]
+        return self.module_subs(self.layout.stages[stage].parts[0].module, microbatch)
 
     def module_subs(self, module: str, microbatch: int) -> int:
-        """Sub-microbatches of a module for one microbatch."""
-        return self._sub_counts.get(module, (1,) * self.num_microbatches)[microbatch]
+        """Sub-microbatches of a module for one microbatch (1 for an unlisted module)."""
+        counts = self._sub_counts.get(module)
+        return 1 if counts is None else counts[microbatch]
 
     @cached_property
     def _sub_counts(self) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..config import HardwareProfile, get_hardware
+from ..config import get_hardware
 from ..semu.calibration import Calibration
 from ..semu.ops import OpClass
 from .args import add_arguments
@@ -32,18 +32,10 @@ QUICK_PLAN = TimingPlan(warmup=1, min_repeats=3, max_repeats=9, budget_s=0.1)
 FULL_PLAN = TimingPlan()
 
 
-def hardware_profile(name: str) -> HardwareProfile:
-    """get_hardware with a ValueError for an unknown name."""
-    try:
-        return get_hardware(name)
-    except KeyError as exc:
-        raise ValueError(str(exc.args[0])) from None
-
-
 def profile(dev: torch.device, hardware: str, quick: bool,
             log: Callable[[str], object] = print) -> Calibration:
     """Run every microbenchmark on dev and fit the factors against the profile."""
-    hw = hardware_profile(hardware)
+    hw = get_hardware(hardware)  # an unknown name is a ConfigError, a ValueError
     setup = ComputeSetup(dev=dev, dtype=dtype_for(hw.dtype_bytes),
                          plan=QUICK_PLAN if quick else FULL_PLAN, quick=quick)
     started = time.perf_counter()
@@ -83,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     if not out.parent.is_dir():
         raise ValueError(f"--out {args.out}: directory {out.parent} does not exist")
     dev = resolve_device(args.device)
-    hardware = hardware_profile(args.hardware or default_hardware(dev)).name
+    hardware = get_hardware(args.hardware or default_hardware(dev)).name
     mode = "quick" if args.quick else "full"
     print(f"profiling {dev} against the {hardware} profile ({mode} set)")
     calibration = profile(dev, hardware, args.quick)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.resources
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def build_dataclass(cls: type, data: Any, source: str, key: str, partial: bool =
 
 def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None

@@ -5,34 +5,30 @@ Rules, checked in this order:
 2. every action names an existing stage on the rank that owns it, an existing
    microbatch and sub-microbatch;
 3. every forward and backward of every (stage, microbatch, sub) appears exactly once;
-4. executed in order, with asynchronous sends and blocking receives matched in order
-   between every ordered pair of ranks, the table finishes: dependencies are respected,
-   receives never overtake one another, and nothing deadlocks (see
-   [Note: in-order P2P]).
+4. executed in order, with every action waiting for its inputs, the table finishes:
+   dependencies are respected and nothing deadlocks (see [Note: receives in sender
+   order]).
 
-[Note: in-order P2P] Each ordered pair of ranks (src, dst) has two FIFO channels, one
-for activations (sent by forwards) and one for gradients (sent by backwards), as the
-runtime matches point-to-point messages in posting order per pair and per direction
-(Megatron's own schedules rely on the same split when next and previous rank coincide,
-PP=2). When an action on dst needs messages from src, the ones it has not received yet
-must be the next ones in that channel (in any order among themselves, since one action
-posts its receives together). A message whose consumer has no work (0 sub-microbatches)
-is never sent.
+[Note: receives in sender order] Point-to-point messages between a pair of ranks are
+matched in posting order (NCCL and gloo alike), but they need not be consumed in that
+order. Every message is known from the table, so the runtime posts a rank's receives
+from one sender in the order that sender sends them, non-blocking, and waits only for
+the one the next action needs; a message that arrives before its consumer runs stays in
+its buffer (SEMU counts that buffer's memory from arrival to use). Sends are
+non-blocking too. Activations and gradients use separate channels per ordered pair of
+ranks, as Megatron keeps them apart when next and previous rank coincide (PP=2). So the
+only way a table can hang is a cycle of waits: an action waiting for a producer that
+comes later on its own rank, or ranks waiting on one another. A message whose consumer
+has no work (0 sub-microbatches) is never sent.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 from .action import Action, Op
 from .errors import ScheduleValidationError
 from .render import render_grid
 from .stage import matching_subs
 from .table import ScheduleTable
-
-Message = tuple[Action, int]
-"""A P2P message: the producing action and the consuming stage."""
-
 
 def validate(table: ScheduleTable) -> None:
     """Raise ScheduleValidationError, with the marked grid, on the first broken rule."""
@@ -123,7 +119,8 @@ def dependencies(table: ScheduleTable, action: Action) -> list[Action]:
 
 
 class _Execution:
-    """In-order execution with FIFO channels between ranks (see [Note: in-order P2P])."""
+    """Execution in per-rank order, each action waiting for its inputs (see [Note:
+    receives in sender order])."""
 
     def __init__(self, table: ScheduleTable) -> None:
         self.table = table
@@ -131,8 +128,6 @@ class _Execution:
         self.position = {a: (r, s) for r, s, a in table.actions()}
         self.pointer = [0] * len(table.ranks)
         self.done: set[Action] = set()
-        self.consumed: set[Message] = set()
-        self.channels: dict[tuple[int, int, Op], deque[Message]] = {}
 
     def run(self) -> None:
         total = sum(len(actions) for actions in self.table.ranks)
@@ -147,13 +142,8 @@ class _Execution:
 
     def _try(self, rank: int, action: Action) -> bool:
         step = self.pointer[rank]
-        needed: dict[int, set[Message]] = {}
         for dep in dependencies(self.table, action):
             if dep in self.done:
-                src = self.stage_rank[dep.stage]
-                message = (dep, action.stage)
-                if src != rank and message not in self.consumed:
-                    needed.setdefault(src, set()).add(message)
                 continue
             dep_rank, dep_step = self.position[dep]
             if dep_rank == rank:
@@ -161,34 +151,8 @@ class _Execution:
                                   f"later on the same rank (step {dep_step})",
                       {(rank, step): f"needs {dep}", (dep_rank, dep_step): "too late"})
             return False
-        kind = action.op  # forwards read activations, backwards read gradients
-        for src, messages in needed.items():
-            head = list(self.channels.get((src, rank, kind), ()))[: len(messages)]
-            if set(head) != messages:
-                early = next(m for m in head if m not in messages)
-                er, es = self.position[early[0]]
-                _fail(self.table, f"out-of-order P2P: {action} on rank {rank} step {step} "
-                                  f"receives from rank {src}, which first sends {early[0]} "
-                                  f"(for stage {early[1]}, rank {er} step {es})",
-                      {(rank, step): "receives out of order", (er, es): "sent first"})
-        for src, messages in needed.items():
-            channel = self.channels[(src, rank, kind)]
-            for _ in messages:
-                self.consumed.add(channel.popleft())
         self.done.add(action)
-        self._send(rank, action)
         return True
-
-    def _send(self, rank: int, action: Action) -> None:
-        layout, m = self.table.layout, action.microbatch
-        if action.op == Op.F:
-            targets = [e.dst for e in layout.successors(action.stage)]
-        else:
-            targets = [e.src for e in layout.predecessors(action.stage)]
-        for stage in targets:
-            dst = self.stage_rank[stage]
-            if dst != rank and self.table.subs(stage, m) > 0:
-                self.channels.setdefault((rank, dst, action.op), deque()).append((action, stage))
 
     def _deadlock(self) -> None:
         marks, waits = {}, []

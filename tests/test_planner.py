@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from pipeweaver_megatron.config import get_hardware, load_model
 from pipeweaver_megatron.ir import Op, validate
-from pipeweaver_megatron.planner import interleave, partition, split_batch, split_evenly
+from pipeweaver_megatron.planner import build_problem, interleave, partition, split_batch, split_evenly
 from pipeweaver_megatron.semu import CostModel, price, simulate
 from pipeweaver_megatron.workload import TokenRules, sample_workload
 
@@ -88,7 +88,9 @@ def test_greedy_interleave_gives_valid_tables(name, dataset):
     for batch in sample_workload(model, dataset, 2, 1):
         subs = split_batch(model, batch, rules, plan.sub_size)
         priced = price(costs, plan.layout, subs.shapes)
-        result = interleave(costs, plan.layout, subs.counts, priced.costs, len(batch.microbatches))
+        problem = build_problem(costs, plan.layout, subs.counts, priced.costs,
+                                len(batch.microbatches))
+        result = interleave(problem)
         validate(result.table)
         simulated = simulate(costs, result.table, subs.shapes, priced=priced)
         assert simulated.pipeline_time_s == pytest.approx(result.makespan_s)

@@ -1,43 +1,131 @@
 """Greedy dual-queue stage interleaving (PAPER.md, search phase 2).
 
-Every rank keeps a forward and a backward queue of ready actions; an action is ready
-when its inputs are done, and its t_start is when its inputs arrive. Repeatedly the rank
-that can start something earliest is served: if both its best forward and its best
-backward could already start when the rank becomes free (t_last), it alternates F and
-B (1F1B); otherwise it runs whichever can start first, filling the bubble. A rank whose
-activations would exceed its memory has its forward queue disabled. Receives are kept in
-sending order per rank pair and direction (see ir [Note: in-order P2P]), so the result
-passes ir.validate by construction; among ready actions of one kind the priority order
-decides (default: microbatch, sub-microbatch, stage), the F/B choice follows t_start.
+The batch's actions and their dependencies are compiled once into a `Problem`; each
+search rollout only changes the priorities (a sequence of segment groups), so a rollout
+costs one pass of the greedy loop.
 
-Known limitation (work in progress of the planner milestone): keeping receives in
-sending order can leave the greedy with no eligible action when a producer has
-interleaved the sub-microbatch outputs of two consumers; with memory limits this happens
-on VLM-S. interleave() then raises PlannerError (the caller falls back to a baseline).
-Posting receives in the sender's order with buffering, or making segment priorities
-(MCTS) consistent across ranks, removes it.
+Every rank keeps a forward and a backward queue of ready actions (inputs done); an
+action's t_start is when its inputs arrive. Repeatedly the rank that can start something
+earliest is served: if both its best forward and its best backward could start by the
+time the rank is free (t_last), it alternates F and B (1F1B); otherwise it runs whichever
+starts first, filling the bubble. Within a queue the priority decides: the position of
+the action's group (microbatch, module) in the sequence, then its sub-microbatch, then
+its stage. A rank whose live activations (gate bytes per forward, e.g. the most
+memory-efficient strategy's) would exceed its activation budget has its forward queue
+disabled; if no rank can move at all, the budget is ignored for one step (the memory
+optimiser and SEMU then report the plan's true peak).
+
+Receives may be consumed out of sending order (ir [Note: receives in sender order]), so
+any order this loop produces passes ir.validate.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ..ir import Action, Layout, Op, ScheduleTable, matching_subs
 from ..semu import CostModel, Links, StageCost
 
+Group = tuple[int, str]
+"""(microbatch, module): the unit whose segments share one priority."""
+
 
 class PlannerError(RuntimeError):
-    """The greedy scheduler cannot place the remaining actions."""
+    """The planner cannot build a schedule for this batch."""
 
 
-Priority = Callable[[Action], tuple]
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One batch on one layout, compiled for repeated interleaving (flat action indices)."""
+
+    layout: Layout
+    num_microbatches: int
+    counts: dict[str, tuple[int, ...]]
+    actions: tuple[Action, ...]
+    rank: tuple[int, ...]
+    backward: tuple[bool, ...]
+    duration: tuple[float, ...]
+    gate: tuple[float, ...]
+    """Bytes a forward adds to its rank's live activations (0 for backwards)."""
+    saved: tuple[float, ...]
+    ndeps: tuple[int, ...]
+    users: tuple[tuple[tuple[int, float], ...], ...]
+    group_of: tuple[int, ...]
+    groups: tuple[Group, ...]
+    """Groups with work, in default order (microbatch, then module order)."""
+    tiebreak: tuple[int, ...]
+    """Order inside a group: sub-microbatch, then stage."""
+
+    @property
+    def num_ranks(self) -> int:
+        return self.layout.num_ranks
 
 
-def default_priority(action: Action) -> tuple:
-    """Earlier microbatches first, then sub-microbatches in order, then pipeline order."""
-    return (action.microbatch, action.sub, action.stage)
+def stage_module(layout: Layout, stage: int) -> str:
+    """The module that names a stage's group (its first part; a projector rides along)."""
+    return layout.stages[stage].parts[0].module
+
+
+def build_problem(costs: CostModel, layout: Layout, counts: Mapping[str, Sequence[int]],
+                  cost: Sequence[Sequence[Sequence[StageCost]]], num_microbatches: int,
+                  gate: Sequence[Sequence[Sequence[float]]] | None = None) -> Problem:
+    """Compile the actions of one batch; gate[stage][mb][sub] defaults to saved_bytes."""
+    subs = [list(counts.get(stage_module(layout, s.index), [1] * num_microbatches))
+            for s in layout.stages]
+    per_byte, fixed = Links(costs).between_stages(layout)
+    module_rank = {m.name: i for i, m in enumerate(layout.modules)}
+    index: dict[tuple[bool, int, int, int], int] = {}
+    actions = []
+    for s in layout.stages:
+        for m in range(num_microbatches):
+            for k in range(subs[s.index][m]):
+                for backward in (False, True):
+                    index[(backward, s.index, m, k)] = len(actions)
+                    actions.append(Action(Op.B if backward else Op.F, s.index, m, k))
+    n = len(actions)
+    users: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    ndeps = [0] * n
+    duration, gates, saved, rank = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+    group_keys = sorted({(a.microbatch, module_rank[stage_module(layout, a.stage)])
+                         for a in actions})
+    group_id = {key: i for i, key in enumerate(group_keys)}
+    group_of, tiebreak = [0] * n, [0] * n
+    stages = layout.num_stages
+    for (backward, s, m, k), i in index.items():
+        c = cost[s][m][k]
+        rank[i] = layout.stages[s].rank
+        group_of[i] = group_id[(m, module_rank[stage_module(layout, s)])]
+        tiebreak[i] = k * stages + s
+        if backward:
+            duration[i] = c.backward_s
+            deps = [(index[(False, s, m, k)], 0.0)]
+            for e in layout.successors(s):
+                for j in matching_subs(e.aligned, subs[e.dst][m], subs[s][m], k):
+                    deps.append((index[(True, e.dst, m, j)],
+                                 per_byte[e.dst][s] * c.output_bytes + fixed[e.dst][s]))
+        else:
+            duration[i] = c.forward_s
+            saved[i] = c.saved_bytes
+            gates[i] = gate[s][m][k] if gate is not None else c.saved_bytes
+            deps = []
+            for e in layout.predecessors(s):
+                for j in matching_subs(e.aligned, subs[e.src][m], subs[s][m], k):
+                    size = cost[e.src][m][j].output_bytes
+                    deps.append((index[(False, e.src, m, j)],
+                                 per_byte[e.src][s] * size + fixed[e.src][s]))
+        ndeps[i] = len(deps)
+        for j, delay in deps:
+            users[j].append((i, delay))
+    names = [m.name for m in layout.modules]
+    return Problem(layout=layout, num_microbatches=num_microbatches,
+                   counts={name: tuple(c) for name, c in counts.items()},
+                   actions=tuple(actions), rank=tuple(rank),
+                   backward=tuple(a.op == Op.B for a in actions), duration=tuple(duration),
+                   gate=tuple(gates), saved=tuple(saved), ndeps=tuple(ndeps),
+                   users=tuple(tuple(u) for u in users), group_of=tuple(group_of),
+                   groups=tuple((m, names[r]) for m, r in group_keys), tiebreak=tuple(tiebreak))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,155 +136,82 @@ class Interleaved:
     makespan_s: float
 
 
-def interleave(costs: CostModel, layout: Layout, counts: Mapping[str, Sequence[int]],
-               cost: Sequence[Sequence[Sequence[StageCost]]], num_microbatches: int,
-               capacity_bytes: Sequence[float] | None = None,
-               priority: Priority = default_priority) -> Interleaved:
-    """Build per-rank orders for every action of the batch."""
-    state = _State(costs, layout, counts, cost, num_microbatches, capacity_bytes, priority)
-    while state.remaining:
-        if not state.step(respect_memory=True) and not state.step(respect_memory=False):
-            raise PlannerError(f"{state.remaining} actions cannot be placed without breaking "
-                               "in-order P2P; "
-                               + ", ".join(str(a) for a in state.blocked()[:6]))
-    table = ScheduleTable(layout=layout, num_microbatches=num_microbatches,
-                          ranks=tuple(tuple(r) for r in state.orders), name="pipeweaver",
-                          sub_microbatches=tuple((m, tuple(c)) for m, c in counts.items()
+def interleave(problem: Problem, sequence: Sequence[int] | None = None,
+               budget_bytes: Sequence[float] | None = None,
+               fill_bubbles: bool = True) -> Interleaved:
+    """Per-rank orders for every action; sequence lists group indices by priority
+    (default: problem.groups' order); budget_bytes caps live activations per rank;
+    fill_bubbles=False keeps strict F/B alternation even when the other queue's action
+    could start earlier (the ablation's step before interleaving)."""
+    p = problem
+    position = [0] * len(p.groups)
+    for pos, g in enumerate(sequence if sequence is not None else range(len(p.groups))):
+        position[g] = pos
+    if len(set(position)) != len(p.groups):
+        raise PlannerError(f"sequence must list each of the {len(p.groups)} groups once")
+    span = len(p.tiebreak) + 1
+    key = [position[g] * span + t for g, t in zip(p.group_of, p.tiebreak)]
+    ranks = p.num_ranks
+    budget = list(budget_bytes) if budget_bytes is not None else [float("inf")] * ranks
+    waiting = list(p.ndeps)
+    arrive = [0.0] * len(p.actions)
+    queues = [([], []) for _ in range(ranks)]  # (forward heap, backward heap) of (key, i)
+    for i, n in enumerate(waiting):
+        if n == 0:
+            heapq.heappush(queues[p.rank[i]][p.backward[i]], (key[i], i))
+    free, live = [0.0] * ranks, [0.0] * ranks
+    last_backward = [True] * ranks
+    orders: list[list[Action]] = [[] for _ in range(ranks)]
+    end = [0.0] * len(p.actions)
+    for _ in range(len(p.actions)):
+        pick = _pick(p, queues, arrive, free, live, last_backward, budget, True, fill_bubbles) \
+            or _pick(p, queues, arrive, free, live, last_backward, budget, False, fill_bubbles)
+        if pick is None:
+            raise PlannerError("no action is ready: the layout's dependencies have a cycle")
+        rank, i = pick
+        heapq.heappop(queues[rank][p.backward[i]])
+        start = max(free[rank], arrive[i])
+        end[i] = free[rank] = start + p.duration[i]
+        # A backward's forward is the action just before it (build_problem's order).
+        live[rank] += -p.gate[i - 1] if p.backward[i] else p.gate[i]
+        last_backward[rank] = p.backward[i]
+        orders[rank].append(p.actions[i])
+        for user, delay in p.users[i]:
+            if arrive[user] < end[i] + delay:
+                arrive[user] = end[i] + delay
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(queues[p.rank[user]][p.backward[user]], (key[user], user))
+    table = ScheduleTable(layout=p.layout, num_microbatches=p.num_microbatches,
+                          ranks=tuple(tuple(r) for r in orders), name="pipeweaver",
+                          sub_microbatches=tuple((m, c) for m, c in p.counts.items()
                                                  if any(x != 1 for x in c)))
-    return Interleaved(table=table, makespan_s=max(state.free))
+    return Interleaved(table=table, makespan_s=max(free))
 
 
-class _State:
-    def __init__(self, costs, layout, counts, cost, num_microbatches, capacity, priority):
-        self.layout, self.cost, self.priority = layout, cost, priority
-        first_module = [s.parts[0].module for s in layout.stages]
-        self.subs = [list(counts.get(m, [1] * num_microbatches)) for m in first_module]
-        self.rank_of = [s.rank for s in layout.stages]
-        ranks = layout.num_ranks
-        self.free = [0.0] * ranks
-        self.last = [Op.B] * ranks
-        self.live = [0.0] * ranks
-        self.capacity = list(capacity) if capacity else [float("inf")] * ranks
-        self.orders: list[list[Action]] = [[] for _ in range(ranks)]
-        self.per_byte, self.fixed = Links(costs).between_stages(layout)
-        self.preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
-        self.succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
-        self.end: dict[Action, float] = {}
-        self.waiting: dict[Action, int] = {}
-        self.arrive: dict[Action, float] = {}
-        self.users: dict[Action, list[Action]] = {}
-        self.ready: list[list[Action]] = [[] for _ in range(ranks)]
-        self.channels: dict[tuple[int, int, Op], deque] = {}
-        self.needs: dict[Action, list[tuple[int, tuple[Action, int]]]] = {}
-        self._consumed: set[tuple[Action, int]] = set()
-        for stage in layout.stages:
-            for m in range(num_microbatches):
-                for k in range(self.subs[stage.index][m]):
-                    for op in (Op.F, Op.B):
-                        self._register(Action(op, stage.index, m, k))
-        self.remaining = len(self.waiting)
-
-    def _deps(self, a: Action) -> list[tuple[Action, float]]:
-        s, m, k = a.stage, a.microbatch, a.sub
-        mine = self.subs[s][m]
-        out = []
-        if a.op == Op.F:
-            for src, aligned in self.preds[s]:
-                for j in matching_subs(aligned, self.subs[src][m], mine, k):
-                    size = self.cost[src][m][j].output_bytes
-                    out.append((Action(Op.F, src, m, j), self.per_byte[src][s] * size + self.fixed[src][s]))
-        else:
-            out.append((Action(Op.F, s, m, k), 0.0))
-            size = self.cost[s][m][k].output_bytes
-            for dst, aligned in self.succs[s]:
-                for j in matching_subs(aligned, self.subs[dst][m], mine, k):
-                    out.append((Action(Op.B, dst, m, j), self.per_byte[dst][s] * size + self.fixed[dst][s]))
-        return out
-
-    def _register(self, a: Action) -> None:
-        deps = self._deps(a)
-        self.waiting[a] = len(deps)
-        self.arrive[a] = 0.0
-        self.needs[a] = [(self.rank_of[d.stage], (d, a.stage)) for d, _ in deps
-                         if self.rank_of[d.stage] != self.rank_of[a.stage]]
-        for dep, delay in deps:
-            self.users.setdefault(dep, []).append((a, delay))
-        if not deps:
-            self.ready[self.rank_of[a.stage]].append(a)
-
-    def _in_order(self, a: Action, rank: int) -> bool:
-        """Every message `a` still needs is at the head of its channel."""
-        wanted: dict[int, set] = {}
-        for src, message in self.needs[a]:
-            if message[0] in self.end and message not in self._consumed:
-                wanted.setdefault(src, set()).add(message)
-        for src, messages in wanted.items():
-            head = list(self.channels.get((src, rank, a.op), ()))[: len(messages)]
-            if set(head) != messages:
-                return False
-        return True
-
-    def step(self, respect_memory: bool) -> bool:
-        """Schedule one action; False when no rank has an eligible one."""
-        best = None
-        for rank, ready in enumerate(self.ready):
-            f = b = None
-            for a in ready:
-                if not self._in_order(a, rank):
-                    continue
-                key = (self.priority(a), self.arrive[a])
-                if a.op == Op.F:
-                    saved = self.cost[a.stage][a.microbatch][a.sub].saved_bytes
-                    if respect_memory and self.live[rank] + saved > self.capacity[rank] \
-                            and self.live[rank] > 0:
-                        continue
-                    if f is None or key < f[0]:
-                        f = (key, a)
-                elif b is None or key < b[0]:
-                    b = (key, a)
-            if f is None and b is None:
-                continue
-            starts = [self.arrive[x[1]] for x in (f, b) if x is not None]
-            t_min = max(self.free[rank], min(starts))
-            if best is None or t_min < best[0]:
-                best = (t_min, rank, f, b)
-        if best is None:
-            return False
-        _, rank, f, b = best
+def _pick(p: Problem, queues, arrive, free, live, last_backward, budget,
+          respect_memory: bool, fill_bubbles: bool) -> tuple[int, int] | None:
+    """The rank with the earliest possible start and the action it runs next."""
+    best = None
+    for rank, (forward, backward) in enumerate(queues):
+        f = forward[0][1] if forward else None
+        if f is not None and respect_memory and live[rank] > 0 \
+                and live[rank] + p.gate[f] > budget[rank]:
+            f = None
+        b = backward[0][1] if backward else None
+        if f is None and b is None:
+            continue
         if f is not None and b is not None:
-            t_f, t_b = self.arrive[f[1]], self.arrive[b[1]]
-            if max(t_f, t_b) <= self.free[rank]:
-                choice = f if self.last[rank] == Op.B else b
+            t_f, t_b = arrive[f], arrive[b]
+            if max(t_f, t_b) <= free[rank] or not fill_bubbles:
+                choice = f if last_backward[rank] else b
+                t = arrive[choice]
             else:
-                choice = f if t_f < t_b else b
+                choice, t = (f, t_f) if t_f < t_b else (b, t_b)
         else:
-            choice = f or b
-        self._run(rank, choice[1])
-        return True
-
-    def _run(self, rank: int, a: Action) -> None:
-        self.ready[rank].remove(a)
-        for src, message in self.needs[a]:
-            if message[0] in self.end and message not in self._consumed:
-                self.channels[(src, rank, a.op)].remove(message)
-                self._consumed.add(message)
-        c = self.cost[a.stage][a.microbatch][a.sub]
-        start = max(self.free[rank], self.arrive[a])
-        self.end[a] = self.free[rank] = start + (c.forward_s if a.op == Op.F else c.backward_s)
-        self.live[rank] += c.saved_bytes if a.op == Op.F else -c.saved_bytes
-        self.last[rank] = a.op
-        self.orders[rank].append(a)
-        self.remaining -= 1
-        sent = set()
-        for user, delay in self.users.get(a, ()):
-            self.arrive[user] = max(self.arrive[user], self.end[a] + delay)
-            self.waiting[user] -= 1
-            dst = self.rank_of[user.stage]
-            if dst != rank and (a, user.stage) not in sent:
-                sent.add((a, user.stage))
-                self.channels.setdefault((rank, dst, user.op), deque()).append((a, user.stage))
-            if self.waiting[user] == 0:
-                self.ready[dst].append(user)
-
-    def blocked(self) -> list[Action]:
-        return [a for ready in self.ready for a in ready]
+            choice = f if f is not None else b
+            t = arrive[choice]
+        t = max(t, free[rank])
+        if best is None or t < best[0]:
+            best = (t, rank, choice)
+    return None if best is None else (best[1], best[2])

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from ..config import ModelSpec, ModuleKind
 from ..ir import Layout, Part, Stage
 from ..schedules.placement import balanced_partition, module_infos
-from ..semu import CostModel, ModuleShape
+from ..semu import CostModel, ModuleShape, microbatch_shapes
+from ..workload import GlobalBatch, TokenRules
 
 EFFICIENCY = 0.95
 """Fraction of the best throughput the chosen sub-microbatch size must keep."""
@@ -44,9 +45,40 @@ class ChunkPlan:
     """T_i: forward + backward of the whole module on one sub-microbatch of size B_i."""
 
 
-def unit_shape(model: ModelSpec, name: str, size: int) -> ModuleShape:
-    """A representative shape of `size` instances (or one full microbatch for the LM)."""
+Reference = dict[str, ModuleShape]
+"""Per module, a typical instance (encoders, generators) or microbatch (LM) shape."""
+
+
+def reference_shapes(model: ModelSpec, batch: GlobalBatch) -> Reference:
+    """Typical shapes of a sample of the training data: the median instance of every
+    encoder and generator, the median microbatch of the LM."""
+    rules = TokenRules.from_model(model)
+    shapes = [microbatch_shapes(model, mb, rules) for mb in batch.microbatches]
+    out: Reference = {}
+    for name in model.order:
+        found = [sh[name] for sh in shapes if name in sh and sh[name].seqs]
+        if not found:
+            continue
+        if model.module(name).kind == ModuleKind.LANGUAGE_MODEL:
+            out[name] = sorted(found, key=lambda sh: sh.tokens)[len(found) // 2]
+            continue
+        instances = sorted((seq, sh.cond[i] if sh.cond else None)
+                           for sh in found for i, seq in enumerate(sh.seqs))
+        seq, cond = instances[len(instances) // 2]
+        out[name] = ModuleShape((seq,), (cond,) if cond is not None else ())
+    return out
+
+
+def unit_shape(model: ModelSpec, name: str, size: int,
+               reference: Reference | None = None) -> ModuleShape:
+    """A representative shape of `size` instances (or one microbatch for the LM): from
+    the reference when it has the module, else the largest the config allows."""
     module = model.module(name)
+    typical = (reference or {}).get(name)
+    if typical is not None:
+        if module.kind == ModuleKind.LANGUAGE_MODEL:
+            return typical
+        return ModuleShape(typical.seqs * size, typical.cond * size)
     if module.kind in (ModuleKind.VISION_ENCODER, ModuleKind.PROJECTOR):
         encoder = module if module.image else model.module(model.upstream(name)[0])
         rule = encoder.image
@@ -67,32 +99,36 @@ def max_instances(model: ModelSpec, name: str) -> int:
     return 1
 
 
-def choose_sub_size(costs: CostModel, name: str) -> int:
+def choose_sub_size(costs: CostModel, name: str, reference: Reference | None = None) -> int:
     """B_i: smallest power-of-two size within EFFICIENCY of the best throughput."""
     model, limit = costs.model, max_instances(costs.model, name)
     sizes = sorted({min(2 ** k, limit) for k in range(0, limit.bit_length() + 1)})
     throughput = {}
     for size in sizes:
-        cost = costs.stage_cost((Part(name, 1, 2),), {name: unit_shape(model, name, size)})
+        cost = costs.stage_cost((Part(name, 1, 2),), {name: unit_shape(model, name, size, reference)})
         throughput[size] = size / (cost.forward_s + cost.backward_s)
     best = max(throughput.values())
     return min(s for s in sizes if throughput[s] >= EFFICIENCY * best)
 
 
 def partition(costs: CostModel, num_ranks: int | None = None,
-              capacity_bytes: float | None = None) -> ChunkPlan:
+              capacity_bytes: float | None = None, reference: GlobalBatch | None = None) -> ChunkPlan:
     """Cut every transformer module into P*K_i chunks; the projector joins its encoder.
 
-    Raises PartitionError when a rank's weights, gradients and optimizer state alone
+    Latencies come from typical shapes of `reference` (a sample of the training data:
+    in a text-to-video model the LM only reads captions) or, without it, from the
+    largest shapes the config allows. Raises PartitionError when a rank's weights, gradients and optimizer state alone
     exceed capacity_bytes (default: the hardware's memory)."""
     model = costs.model
     ranks = num_ranks or model.parallel.pp
     stacks = [n for n in model.order if model.module(n).is_transformer]
-    sizes = {n: choose_sub_size(costs, n) for n in stacks}
+    typical = reference_shapes(model, reference) if reference is not None else None
+    sizes = {n: choose_sub_size(costs, n, typical) for n in stacks}
     latency = {}
     for name in stacks:
         layers = model.module(name).num_layers
-        cost = costs.stage_cost((Part(name, 0, layers),), {name: unit_shape(model, name, sizes[name])})
+        cost = costs.stage_cost((Part(name, 0, layers),),
+                                {name: unit_shape(model, name, sizes[name], typical)})
         latency[name] = cost.forward_s + cost.backward_s
     fastest = min(latency.values())
     segments = {}
@@ -104,7 +140,7 @@ def partition(costs: CostModel, num_ranks: int | None = None,
     stages: list[Stage] = []
     for name in stacks:
         chunks = ranks * segments[name]
-        bounds = _layer_bounds(costs, name, chunks, sizes[name])
+        bounds = _layer_bounds(costs, name, chunks, unit_shape(model, name, sizes[name], typical))
         for c, (lo, hi) in enumerate(bounds):
             parts = [Part(name, lo, hi)]
             if c == chunks - 1:
@@ -117,10 +153,10 @@ def partition(costs: CostModel, num_ranks: int | None = None,
     return plan
 
 
-def _layer_bounds(costs: CostModel, name: str, chunks: int, size: int) -> list[tuple[int, int]]:
+def _layer_bounds(costs: CostModel, name: str, chunks: int, unit: ModuleShape) -> list[tuple[int, int]]:
     """Consecutive layer runs balanced by SEMU's per-layer time."""
     layers = costs.model.module(name).num_layers
-    shape = {name: unit_shape(costs.model, name, size)}
+    shape = {name: unit}
 
     def micros(lo: int) -> int:
         cost = costs.stage_cost((Part(name, lo, lo + 1),), shape)

@@ -8,10 +8,11 @@ from typing import Callable, Sequence
 from ..ir import ScheduleTable
 from ..workload import GlobalBatch
 from .costs import CostModel, ReuseStats
-from .simulate import BatchShapes, SimResult, simulate
+from .simulate import SimResult, simulate
 
-Planner = Callable[[GlobalBatch], tuple[ScheduleTable, BatchShapes]]
-"""Gives the table to run for a batch and the shapes of its (sub-)microbatches."""
+Planner = Callable[[GlobalBatch], tuple]
+"""Gives the table to run for a batch, the shapes of its (sub-)microbatches and
+optionally its stage costs with the memory strategy chosen (a PricedBatch)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +55,9 @@ def simulate_workload(costs: CostModel, batches: Sequence[GlobalBatch], plan: Pl
     """Plan and simulate every batch; the first keeps per-action detail for exports."""
     results, tables = [], []
     for i, batch in enumerate(batches):
-        table, shapes = plan(batch)
-        results.append(simulate(costs, table, shapes, detail=detail_first and i == 0))
+        table, shapes, *priced = plan(batch)
+        results.append(simulate(costs, table, shapes, detail=detail_first and i == 0,
+                                priced=priced[0] if priced else None))
         tables.append(table)
     return WorkloadSimulation(results=tuple(results), tables=tuple(tables),
                               reuse=ReuseStats(costs.stats.hits, costs.stats.misses))

@@ -1,0 +1,260 @@
+"""The planner API: one call plans one global batch (PAPER.md, "Search, three phases").
+
+plan(batch, budget_ms, seed):
+1. split the batch into sub-microbatches (the layout is the offline ChunkPlan's);
+2. price every (stage, microbatch, sub) once without and with full recompute (SEMU,
+   subgraph reuse);
+3. search: MCTS over group priorities (mcts.py); each candidate is interleaved by the
+   greedy dual-queue (interleave.py), memory-optimised per layer (memopt.py) and scored
+   by SEMU's simulated iteration time; a candidate whose simulated peak exceeds the
+   memory capacity scores worse in proportion to the excess;
+4. return the best plan found within the budget (anytime), re-simulated in detail.
+
+The interleaver limits live activations with either the plain saved bytes ("base") or
+the most memory-efficient strategy's ("recompute"), leaving the memory optimiser to pick
+per-layer strategies; the better gate for the batch's default order is kept for the
+whole search. Everything random comes from random.Random(seed): a given seed and
+evaluation count (max_evaluations) always give the same plan; a wall-clock budget may
+stop a slower machine earlier.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from ..config import ModelSpec
+from ..ir import Layout, Op, ScheduleTable
+from ..semu import CostModel, PricedBatch, SimResult, price, simulate
+from ..workload import GlobalBatch, TokenRules
+from .interleave import Problem, build_problem, interleave
+from .mcts import SequenceTree
+from .candidates import CandidateCache, Strategy
+from .memopt import MemoryPlan, optimize_memory, summarize, transformer_layers
+from .partition import ChunkPlan, partition
+from .submicro import SubMicrobatches, split_batch
+
+GIB = 2**30
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSettings:
+    """Knobs of the per-batch search (defaults follow the paper where it gives them)."""
+
+    reorder: bool = True
+    """Phase 1, MCTS; off: the default order (microbatch, then module)."""
+    fill_bubbles: bool = True
+    """Phase 2 as the paper has it; off: strict 1F1B alternation in priority order."""
+    memory_optimization: bool = True
+    """Phase 3; off: one strategy for the whole batch (no recompute if it fits, else
+    every layer recomputed), as a Megatron user would set it."""
+    window: int = 4
+    rollouts: int = 4
+    alpha: float = 4.0
+    beta: float = 0.3
+    max_candidates: int = 10
+    ilp_gap: float = 0.05
+    ilp_nodes: int = 0
+    """Branch-and-bound nodes per rank when the rounded LP relaxation is more than
+    ilp_gap from its bound (0: keep the rounded solution). A work limit, not a time
+    limit, so plans do not depend on the machine's speed. 200 nodes cost T2V-S seconds
+    per candidate and gained nothing on VLM-M, T2V-S or T2V-L (SEMU), hence 0."""
+    max_evaluations: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchStats:
+    evaluations: int
+    elapsed_ms: float
+    gate: str
+    history: tuple[tuple[float, int, float], ...]
+    """(elapsed ms, evaluations, best predicted iteration time) at every improvement."""
+
+    def to_dict(self) -> dict:
+        return {"candidates_evaluated": self.evaluations, "elapsed_ms": self.elapsed_ms,
+                "gate": self.gate,
+                "best_score_history": [{"elapsed_ms": t, "evaluations": n, "iteration_time_s": s}
+                                       for t, n, s in self.history]}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult:
+    """Everything the runtime and the user need about one planned batch."""
+
+    layout: Layout
+    sub_microbatches: SubMicrobatches
+    table: ScheduleTable
+    memory: MemoryPlan
+    simulation: SimResult
+    """The predicted timeline and per-rank memory (with per-action detail)."""
+    lower_bound_s: float
+    """Busiest rank's compute without recompute + gradient reduction + optimizer step."""
+    capacity_bytes: float
+    search: SearchStats
+
+    @property
+    def predicted_iteration_time_s(self) -> float:
+        return self.simulation.iteration_time_s
+
+    @property
+    def peak_memory_gib(self) -> list[float]:
+        return self.simulation.peak_memory_gib
+
+    @property
+    def fits(self) -> bool:
+        return max(self.simulation.peak_memory_bytes) <= self.capacity_bytes
+
+    def to_dict(self) -> dict:
+        return {"schedule": self.table.to_json(),
+                "predicted_iteration_time_s": self.predicted_iteration_time_s,
+                "lower_bound_s": self.lower_bound_s,
+                "peak_memory_gib": self.peak_memory_gib,
+                "capacity_gib": self.capacity_bytes / GIB,
+                "bubble_ratio": self.simulation.bubble_ratio, "mfu": self.simulation.mfu,
+                "sub_microbatches": {m: list(c) for m, c in self.sub_microbatches.counts.items()},
+                "memory_strategy": summarize(self.memory),
+                "search": self.search.to_dict()}
+
+
+@dataclass
+class _Batch:
+    """One batch's fixed inputs to every candidate evaluation."""
+
+    subs: SubMicrobatches
+    base: PricedBatch
+    full: PricedBatch
+    problem: Problem
+    budget: list[float]
+    cache: CandidateCache
+    evaluations: int = 0
+    last: SimResult | None = None
+    best: tuple[float, tuple, object] = (math.inf, (), None)
+    history: list = field(default_factory=list)
+
+
+class PipeWeaverPlanner:
+    """Plans batches for one model: the chunk layout is cut once, at construction."""
+
+    def __init__(self, costs: CostModel, chunks: ChunkPlan | None = None,
+                 settings: SearchSettings = SearchSettings(),
+                 capacity_bytes: float | None = None) -> None:
+        self.costs, self.settings = costs, settings
+        self.capacity = capacity_bytes or costs.hardware.memory_capacity
+        self.chunks = chunks or partition(costs, capacity_bytes=self.capacity)
+        self.layout = self.chunks.layout
+        self.rules = TokenRules.from_model(costs.model)
+        self.layers = transformer_layers(costs.model, self.layout)
+        self.static = [s.total_bytes for s in costs.static_memory(self.layout)]
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.costs.model
+
+    def plan(self, batch: GlobalBatch, budget_ms: float = 1000.0, seed: int = 0) -> PlanResult:
+        started = time.perf_counter()
+        deadline = started + budget_ms / 1000
+        subs = split_batch(self.model, batch, self.rules, self.chunks.sub_size)
+        every = range(self.layout.num_stages)
+        base = price(self.costs, self.layout, subs.shapes)
+        full = price(self.costs, self.layout, subs.shapes, recompute=every)
+        budget = [self.capacity - s for s in self.static]
+        count = len(batch.microbatches)
+        gates = {"base": None, "recompute": [[[c.saved_bytes for c in per_mb] for per_mb in per_stage]
+                                             for per_stage in full.costs]}
+        cache = CandidateCache(self.costs.hardware.host_bandwidth, self.settings.max_candidates)
+        state = None
+        for gate_name, gate in gates.items():
+            problem = build_problem(self.costs, self.layout, subs.counts, base.costs, count, gate)
+            trial = _Batch(subs, base, full, problem, list(budget), cache)
+            self._fit_budget(trial, started)
+            if state is None or trial.best[0] < state[1].best[0]:
+                state = (gate_name, trial)
+        gate_name, work = state
+        work.history = [(h[0], 0, h[2]) for h in work.history[-1:]]
+        work.evaluations = 0
+        if self.settings.reorder:
+            limit = self.settings.max_evaluations
+
+            def stop() -> bool:
+                return time.perf_counter() >= deadline or (limit is not None
+                                                            and work.evaluations >= limit)
+
+            tree = SequenceTree(len(work.problem.groups),
+                                lambda seq: self._evaluate(work, seq, started),
+                                random.Random(seed), before=_precedence(work.problem),
+                                window=self.settings.window, rollouts=self.settings.rollouts,
+                                alpha=self.settings.alpha, beta=self.settings.beta)
+            tree.run(stop)
+        _, sequence, memory = work.best
+        table = interleave(work.problem, sequence, work.budget,
+                           fill_bubbles=self.settings.fill_bubbles).table
+        detailed = simulate(self.costs, table, subs.shapes, priced=memory.priced)
+        lower = simulate(self.costs, table, subs.shapes, priced=base, detail=False).lower_bound_s
+        stats = SearchStats(evaluations=work.evaluations,
+                            elapsed_ms=(time.perf_counter() - started) * 1000, gate=gate_name,
+                            history=tuple(work.history))
+        return PlanResult(layout=self.layout, sub_microbatches=subs, table=table, memory=memory,
+                          simulation=detailed, lower_bound_s=lower,
+                          capacity_bytes=self.capacity, search=stats)
+
+    def _fit_budget(self, work: _Batch, started: float) -> None:
+        """Evaluate the default order; where SEMU's peak (which also counts P2P receive
+        buffers) exceeds the capacity, shrink that rank's activation budget and retry."""
+        default = tuple(range(len(work.problem.groups)))
+        for _ in range(4):
+            self._evaluate(work, default, started)
+            peaks = work.last.peak_memory_bytes
+            over = [max(0.0, peak - self.capacity) for peak in peaks]
+            if not any(over):
+                return
+            work.budget = [b - 1.02 * o for b, o in zip(work.budget, over)]
+            work.best = (math.inf, (), None)
+
+    def _evaluate(self, work: _Batch, sequence: tuple[int, ...], started: float) -> float:
+        """Interleave, optimise memory, simulate; the score is the iteration time,
+        stretched by any excess over the memory capacity."""
+        table = interleave(work.problem, sequence, work.budget,
+                           fill_bubbles=self.settings.fill_bubbles).table
+        memory = self._memory(table, work)
+        result = work.last = simulate(self.costs, table, work.subs.shapes, priced=memory.priced,
+                                      detail=False)
+        excess = max(0.0, max(result.peak_memory_bytes) / self.capacity - 1)
+        score = result.iteration_time_s * (1 + 10 * excess)
+        work.evaluations += 1
+        if score < work.best[0]:
+            work.best = (score, sequence, memory)
+            work.history.append(((time.perf_counter() - started) * 1000, work.evaluations,
+                                 result.iteration_time_s))
+        return score
+
+    def _memory(self, table: ScheduleTable, work: _Batch) -> MemoryPlan:
+        if self.settings.memory_optimization:
+            return optimize_memory(table, work.base, work.full, self.layers, work.budget,
+                                   self.costs.hardware, max_candidates=self.settings.max_candidates,
+                                   gap=self.settings.ilp_gap, cache=work.cache,
+                                   time_limit_s=60.0, max_nodes=self.settings.ilp_nodes)
+        plain = _uniform(work.base, {}, table.layout.num_ranks)
+        result = simulate(self.costs, table, work.subs.shapes, priced=plain.priced, detail=False)
+        if max(result.peak_memory_bytes) <= self.capacity:
+            return plain
+        every = {(a.stage, a.microbatch, a.sub): Strategy(recompute_layers=self.layers[a.stage], offload_layers=0)
+                 for actions in table.ranks for a in actions if a.op == Op.F and self.layers[a.stage]}
+        return _uniform(work.full, every, table.layout.num_ranks)
+
+
+def _uniform(priced: PricedBatch, strategies: dict, ranks: int) -> MemoryPlan:
+    """One strategy for the whole batch (the ablation's steps before phase 3)."""
+    return MemoryPlan(strategies=strategies, priced=priced, added_s=0.0, feasible=(True,) * ranks,
+                      method=("none",) * ranks, solve_ms=(0.0,) * ranks)
+
+
+def _precedence(problem: Problem) -> list[list[int]]:
+    """A microbatch's groups keep module order (the encoder's before the LM's)."""
+    first: dict[int, list[int]] = {}
+    needs: list[list[int]] = []
+    for g, (m, _) in enumerate(problem.groups):
+        needs.append(list(first.get(m, ())))
+        first.setdefault(m, []).append(g)
+    return needs

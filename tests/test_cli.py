@@ -116,3 +116,40 @@ def test_simulate_rejects_a_calibration_for_other_hardware(tmp_path):
     result = run("simulate", "--model", "tiny-vlm", "--schedule", "gpipe", "--hardware", "H100",
                  "--calibration", str(path), ok=False)
     assert result.returncode == 2 and "fitted for cpu, not H100" in result.stderr
+
+
+def test_plan_json_is_a_valid_schedule_with_its_prediction(tmp_path):
+    trace, plot = tmp_path / "p.json", tmp_path / "p.png"
+    data = json.loads(run("plan", "--model", "vlm-s", "--workload", "obelics", "--budget-ms",
+                          "300", "--seed", "2", "--json", "--trace", str(trace),
+                          "--plot", str(plot)).stdout)
+    table = ScheduleTable.from_json(data["schedule"])
+    validate(table)
+    assert data["lower_bound_s"] <= data["predicted_iteration_time_s"]
+    assert max(data["peak_memory_gib"]) <= data["capacity_gib"] + 1e-9
+    search = data["search"]
+    assert search["candidates_evaluated"] >= 1 and search["elapsed_ms"] > 0
+    history = [h["iteration_time_s"] for h in search["best_score_history"]]
+    assert history and history[-1] == pytest.approx(data["predicted_iteration_time_s"])
+    assert "traceEvents" in json.loads(trace.read_text()) and plot.stat().st_size > 1000
+
+
+def test_plan_is_reproducible_with_an_evaluation_budget():
+    args = ("plan", "--model", "tiny-vlm", "--workload", "obelics", "--evaluations", "8",
+            "--budget-ms", "60000", "--seed", "4", "--json")
+    first, second = (json.loads(run(*args).stdout) for _ in range(2))
+    assert first["schedule"] == second["schedule"]
+
+
+@pytest.mark.parametrize("schedule", ["pipeweaver", "megatron-vpp", "nnscaler", "optimus"])
+def test_simulate_runs_every_comparison(schedule):
+    data = json.loads(run("simulate", "--model", "tiny-vlm", "--workload", "obelics",
+                          "--schedule", schedule, "--iterations", "2", "--budget-ms", "100",
+                          "--json").stdout)
+    assert len(data["iteration_time_s"]) == 2
+    assert data["lower_bound_s"] <= data["mean_iteration_time_s"] * (1 + 1e-9)
+
+
+def test_plan_rejects_unknown_model():
+    result = run("plan", "--model", "no-such-model", ok=False)
+    assert result.returncode == 2 and "no-such-model" in result.stderr

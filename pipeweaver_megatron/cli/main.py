@@ -7,18 +7,19 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from ..config import ConfigError, get_hardware, list_models, load_model, model_to_dict
+from ..config import ConfigError, list_models, load_model, model_to_dict
 from ..profiler.args import ProfileError, add_parser as add_profile_parser
 from ..ir import LayoutError, ScheduleFormatError, ScheduleValidationError, render_grid
 from ..schedules import Baseline, ScheduleError, build_baseline
-from ..semu import (CalibrationError, CostModel, StuckSchedule, batch_shapes, load_calibration,
-                    simulate_workload, write_plot, write_trace)
+from ..semu import CalibrationError, StuckSchedule, simulate_workload, write_plot, write_trace
 from ..workload import WorkloadError, TokenRules, record_trace, sample_workload, summarize
+from ..planner import PlannerError, SYSTEMS, make_system
 from .format import format_model, format_simulation
+from .plan import add_cost_arguments, add_parser as add_plan_parser, cost_model
 
 USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
                ScheduleValidationError, FileNotFoundError, CalibrationError, StuckSchedule,
-               ProfileError)
+               ProfileError, PlannerError)
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -65,24 +66,10 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    model = load_model(args.model)
-    calibration = load_calibration(args.calibration) if args.calibration else None
-    hardware = get_hardware(args.hardware or (calibration.hardware if calibration
-                                              else model.hardware))
-    if calibration and calibration.hardware.lower() != hardware.name.lower():
-        raise ConfigError(args.calibration, "hardware", f"fitted for {calibration.hardware}, "
-                                                        f"not {hardware.name}")
-    costs = CostModel(model, hardware, calibration)
-    rules = TokenRules.from_model(model)
+    costs = cost_model(args)
+    model, hardware = costs.model, costs.hardware
     batches = sample_workload(model, args.workload or model.dataset, args.iterations, args.seed)
-    tables = {}
-
-    def plan(batch):
-        count = len(batch.microbatches)
-        if count not in tables:
-            tables[count] = build_baseline(model, args.schedule, count)
-        return tables[count], batch_shapes(model, batch, rules)
-
+    plan = make_system(args.schedule, costs, batches[0], args.budget_ms, args.seed)
     run = simulate_workload(costs, batches, plan)
     if args.trace:
         write_trace(run.results[0], run.tables[0].layout, args.trace, f"{model.name} {args.schedule}")
@@ -151,17 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="predict iteration time, bubbles, MFU and memory")
     sim.add_argument("--model", required=True)
     sim.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
-    sim.add_argument("--schedule", required=True, choices=[b.value for b in Baseline])
+    sim.add_argument("--schedule", required=True, choices=SYSTEMS,
+                     help="pipeweaver plans every iteration; megatron-vpp, nnscaler and optimus "
+                          "are the paper's comparison baselines")
+    sim.add_argument("--budget-ms", type=float, default=1000.0,
+                     help="pipeweaver's search budget per iteration")
     sim.add_argument("--iterations", type=int, default=10)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--hardware", help="hardware profile (default: the model's)")
-    sim.add_argument("--calibration", metavar="FILE", help="from `pipeweaver profile`")
+    add_cost_arguments(sim)
     sim.add_argument("--trace", metavar="OUT.json", help="Perfetto trace of iteration 0")
     sim.add_argument("--plot", metavar="OUT.png", help="timeline plot of iteration 0")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=cmd_simulate)
 
     add_profile_parser(sub)
+    add_plan_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--model", default="VLM-S")

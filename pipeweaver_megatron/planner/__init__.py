@@ -1,13 +1,22 @@
-"""The planner (work in progress): offline chunk partitioner, online sub-microbatch
-partitioner and the greedy dual-queue interleaving. MCTS reordering, the per-layer
-memory ILP and the planner API arrive with the rest of the planner milestone.
-Pure Python + numpy: no torch.
+"""The planner: offline chunk partitioner, online sub-microbatch partitioner, and the
+per-batch search (MCTS reordering, greedy dual-queue interleaving, per-layer memory
+ILP) behind PipeWeaverPlanner.plan; the paper's comparison baselines; and a registry
+of every schedule SEMU can compare. Pure Python + numpy + HiGHS: no torch.
 """
 
+from .baselines import Comparison, ComparisonBaseline, build_comparison
+from .candidates import Strategy
 from .interleave import Interleaved, PlannerError, Problem, build_problem, interleave
+from .mcts import SequenceTree, TreeResult
+from .memopt import MemoryPlan, optimize_memory, summarize, transformer_layers
 from .partition import ChunkPlan, PartitionError, choose_sub_size, partition
+from .search import PipeWeaverPlanner, PlanResult, SearchSettings, SearchStats
 from .submicro import SubMicrobatches, split_batch, split_evenly
+from .systems import PIPEWEAVER, SYSTEMS, make_system
 
-__all__ = ["Interleaved", "PlannerError", "Problem", "build_problem", "interleave", "ChunkPlan",
-           "PartitionError", "choose_sub_size", "partition", "SubMicrobatches", "split_batch",
-           "split_evenly"]
+__all__ = ["Comparison", "ComparisonBaseline", "build_comparison", "Strategy", "Interleaved",
+           "PlannerError", "Problem", "build_problem", "interleave", "SequenceTree",
+           "TreeResult", "MemoryPlan", "optimize_memory", "summarize", "transformer_layers",
+           "ChunkPlan", "PartitionError", "choose_sub_size", "partition", "PipeWeaverPlanner",
+           "PlanResult", "SearchSettings", "SearchStats", "SubMicrobatches", "split_batch",
+           "split_evenly", "PIPEWEAVER", "SYSTEMS", "make_system"]

@@ -14,6 +14,7 @@ One search iteration:
 Children of a prefix are the first `window` groups not yet placed, in the default order
 (microbatch order), which keeps the tree to orders a few places away from the default;
 on small instances a window covering every group makes the search exhaustive.
+Each sequence is scored once (repeats are looked up, and rollouts redraw to avoid them).
 The search is anytime: it stops when `stop()` says so and returns the best sequence seen.
 Everything random comes from the caller's random.Random, so a seed fixes the search.
 """
@@ -57,7 +58,7 @@ class SequenceTree:
 
     def __init__(self, size: int, evaluate: Evaluate, rng: random.Random,
                  before: Sequence[Sequence[int]] = (), window: int = 4, rollouts: int = 4,
-                 alpha: float = 4.0, beta: float = 0.3) -> None:
+                 alpha: float = 2.0, beta: float = 0.5) -> None:
         self.size, self.evaluate, self.rng = size, evaluate, rng
         self.window, self.rollouts, self.alpha, self.beta = window, rollouts, alpha, beta
         self.needs = [set(b) for b in before] if before else [set() for _ in range(size)]
@@ -65,6 +66,7 @@ class SequenceTree:
         self.best: tuple[tuple[int, ...], float] = ((), math.inf)
         self.reference = 0.0
         self.evaluations = 0
+        self.seen: dict[tuple[int, ...], float] = {}
         self.history: list[tuple[int, float]] = []
 
     def _allowed(self, prefix: tuple[int, ...]) -> list[int]:
@@ -79,7 +81,10 @@ class SequenceTree:
         return out
 
     def score(self, sequence: tuple[int, ...]) -> float:
-        """Evaluate a complete sequence, keep the best; returns its normalised score."""
+        """Evaluate a complete sequence (once: repeats are looked up), keep the best;
+        returns its normalised score."""
+        if sequence in self.seen:
+            return self.seen[sequence]
         time = self.evaluate(sequence)
         self.evaluations += 1
         if time < self.best[1]:
@@ -87,13 +92,19 @@ class SequenceTree:
             self.history.append((self.evaluations, time))
         if not self.reference:
             self.reference = time
-        return self.reference / time if time > 0 and math.isfinite(time) else 0.0
+        value = self.seen[sequence] = (self.reference / time if time > 0 and math.isfinite(time)
+                                       else 0.0)
+        return value
 
-    def rollout(self, prefix: tuple[int, ...]) -> tuple[int, ...]:
-        """A random completion drawn from each position's allowed groups."""
-        sequence = list(prefix)
-        while len(sequence) < self.size:
-            sequence.append(self.rng.choice(self._allowed(tuple(sequence))))
+    def rollout(self, prefix: tuple[int, ...], attempts: int = 4) -> tuple[int, ...]:
+        """A random completion drawn from each position's allowed groups; a few draws
+        are tried to find one not scored yet."""
+        for _ in range(attempts):
+            sequence = list(prefix)
+            while len(sequence) < self.size:
+                sequence.append(self.rng.choice(self._allowed(tuple(sequence))))
+            if tuple(sequence) not in self.seen:
+                break
         return tuple(sequence)
 
     def run(self, stop: Callable[[], bool]) -> TreeResult:

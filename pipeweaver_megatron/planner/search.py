@@ -52,8 +52,8 @@ class SearchSettings:
     every layer recomputed), as a Megatron user would set it."""
     window: int = 4
     rollouts: int = 4
-    alpha: float = 4.0
-    beta: float = 0.3
+    alpha: float = 2.0
+    beta: float = 0.5
     max_candidates: int = 10
     ilp_gap: float = 0.05
     ilp_nodes: int = 0

@@ -7,11 +7,12 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from ..config import ConfigError, list_models, load_model, model_to_dict
+from ..config import ConfigError, get_hardware, list_models, load_model, model_to_dict
 from ..profiler.args import ProfileError, add_parser as add_profile_parser
 from ..ir import LayoutError, ScheduleFormatError, ScheduleValidationError, render_grid
 from ..schedules import Baseline, ScheduleError, build_baseline
-from ..semu import CalibrationError, StuckSchedule, simulate_workload, write_plot, write_trace
+from ..semu import (CalibrationError, CostModel, StuckSchedule, simulate_workload, write_plot,
+                    write_trace)
 from ..workload import WorkloadError, TokenRules, record_trace, sample_workload, summarize
 from ..planner import PlannerError, SYSTEMS, make_system
 from .format import format_model, format_simulation
@@ -99,6 +100,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(table.layout.describe())
     print()
     print(render_grid(table))
+    print("=" * 78)
+    costs = CostModel(model, get_hardware(model.hardware))
+    shown = batches[:3]
+    print(f"SEMU on {costs.hardware.name}, the first {len(shown)} batches (simulated, not measured):")
+    times = {}
+    for name in ("megatron-interleaved", "megatron-vpp", "pipeweaver"):
+        run = simulate_workload(costs, shown, make_system(name, costs, shown[0], 300.0, args.seed),
+                                detail_first=False)
+        times[name] = run.mean_iteration_time_s
+        print(f"  {name:22} {run.mean_iteration_time_s:7.3f} s per iteration, "
+              f"peak {max(run.peak_memory_gib):5.1f} GiB")
+    print(f"  PipeWeaver: {times['megatron-vpp'] / times['pipeweaver'] - 1:+.1%} throughput over "
+          f"megatron-vpp, {times['megatron-interleaved'] / times['pipeweaver'] - 1:+.1%} over "
+          "Megatron's own placement")
 
 
 def build_parser() -> argparse.ArgumentParser:

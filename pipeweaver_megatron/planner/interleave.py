@@ -155,33 +155,44 @@ def interleave(problem: Problem, sequence: Sequence[int] | None = None,
     budget = list(budget_bytes) if budget_bytes is not None else [float("inf")] * ranks
     waiting = list(p.ndeps)
     arrive = [0.0] * len(p.actions)
-    queues = [([], []) for _ in range(ranks)]  # (forward heap, backward heap) of (key, i)
+    queues = [(_Queue(), _Queue()) for _ in range(ranks)]  # forward, backward
     for i, n in enumerate(waiting):
         if n == 0:
-            heapq.heappush(queues[p.rank[i]][p.backward[i]], (key[i], i))
+            queues[p.rank[i]][p.backward[i]].push(0.0, key[i], i)
     free, live = [0.0] * ranks, [0.0] * ranks
     last_backward = [True] * ranks
     orders: list[list[Action]] = [[] for _ in range(ranks)]
     end = [0.0] * len(p.actions)
+    state = (p, queues, arrive, free, live, last_backward, budget, fill_bubbles)
+    offers = [_offer(state, r, True) for r in range(ranks)]  # per rank: (t_min, rank, action)
     for _ in range(len(p.actions)):
-        pick = _pick(p, queues, arrive, free, live, last_backward, budget, True, fill_bubbles) \
-            or _pick(p, queues, arrive, free, live, last_backward, budget, False, fill_bubbles)
+        pick = None
+        for offer in offers:
+            if offer is not None and (pick is None or offer < pick):
+                pick = offer
+        if pick is None:  # every rank is at its memory budget or idle: relax for one step
+            pick = min((o for o in (_offer(state, r, False) for r in range(ranks))
+                        if o is not None), default=None)
         if pick is None:
             raise PlannerError("no action is ready: the layout's dependencies have a cycle")
-        rank, i = pick
-        heapq.heappop(queues[rank][p.backward[i]])
+        _, rank, i = pick
+        queues[rank][p.backward[i]].pop(i)
         start = max(free[rank], arrive[i])
         end[i] = free[rank] = start + p.duration[i]
         # A backward's forward is the action just before it (build_problem's order).
         live[rank] += -p.gate[i - 1] if p.backward[i] else p.gate[i]
         last_backward[rank] = p.backward[i]
         orders[rank].append(p.actions[i])
+        changed = {rank}
         for user, delay in p.users[i]:
             if arrive[user] < end[i] + delay:
                 arrive[user] = end[i] + delay
             waiting[user] -= 1
             if waiting[user] == 0:
-                heapq.heappush(queues[p.rank[user]][p.backward[user]], (key[user], user))
+                queues[p.rank[user]][p.backward[user]].push(arrive[user], key[user], user)
+                changed.add(p.rank[user])
+        for r in changed:
+            offers[r] = _offer(state, r, True)
     table = ScheduleTable(layout=p.layout, num_microbatches=p.num_microbatches,
                           ranks=tuple(tuple(r) for r in orders), name="pipeweaver",
                           sub_microbatches=tuple((m, c) for m, c in p.counts.items()
@@ -189,29 +200,53 @@ def interleave(problem: Problem, sequence: Sequence[int] | None = None,
     return Interleaved(table=table, makespan_s=max(free))
 
 
-def _pick(p: Problem, queues, arrive, free, live, last_backward, budget,
-          respect_memory: bool, fill_bubbles: bool) -> tuple[int, int] | None:
-    """The rank with the earliest possible start and the action it runs next."""
-    best = None
-    for rank, (forward, backward) in enumerate(queues):
-        f = forward[0][1] if forward else None
-        if f is not None and respect_memory and live[rank] > 0 \
-                and live[rank] + p.gate[f] > budget[rank]:
-            f = None
-        b = backward[0][1] if backward else None
-        if f is None and b is None:
-            continue
-        if f is not None and b is not None:
-            t_f, t_b = arrive[f], arrive[b]
-            if max(t_f, t_b) <= free[rank] or not fill_bubbles:
-                choice = f if last_backward[rank] else b
-                t = arrive[choice]
-            else:
-                choice, t = (f, t_f) if t_f < t_b else (b, t_b)
+def _offer(state, rank: int, respect_memory: bool) -> tuple[float, int, int] | None:
+    """What `rank` would run next and when it could start (None: nothing it may run)."""
+    p, queues, arrive, free, live, last_backward, budget, fill_bubbles = state
+    forward, backward = queues[rank]
+    now = free[rank]
+    f = forward.best(now)
+    if f is not None and respect_memory and live[rank] > 0 \
+            and live[rank] + p.gate[f] > budget[rank]:
+        f = None
+    b = backward.best(now)
+    if f is None and b is None:
+        return None
+    if f is not None and b is not None:
+        t_f, t_b = arrive[f], arrive[b]
+        if (t_f <= now and t_b <= now) or not fill_bubbles:
+            choice = f if last_backward[rank] else b
         else:
-            choice = f if f is not None else b
-            t = arrive[choice]
-        t = max(t, free[rank])
-        if best is None or t < best[0]:
-            best = (t, rank, choice)
-    return None if best is None else (best[1], best[2])
+            choice = f if t_f < t_b else b
+    else:
+        choice = f if f is not None else b
+    t = arrive[choice]
+    return (t if t > now else now, rank, choice)
+
+
+class _Queue:
+    """Ready actions of one kind on one rank: those whose inputs have arrived by the
+    time asked about are served by priority; if none has, the earliest to arrive."""
+
+    def __init__(self) -> None:
+        self.arrived: list[tuple[int, int]] = []  # (priority key, action)
+        self.pending: list[tuple[float, int, int]] = []  # (arrival, priority key, action)
+
+    def push(self, arrival: float, key: int, action: int) -> None:
+        heapq.heappush(self.pending, (arrival, key, action))
+
+    def best(self, now: float) -> int | None:
+        pending, arrived = self.pending, self.arrived
+        while pending and pending[0][0] <= now:
+            _, key, action = heapq.heappop(pending)
+            heapq.heappush(arrived, (key, action))
+        if arrived:
+            return arrived[0][1]
+        return pending[0][2] if pending else None
+
+    def pop(self, action: int) -> None:
+        """Remove `action`, which best() just returned."""
+        if self.arrived and self.arrived[0][1] == action:
+            heapq.heappop(self.arrived)
+        else:
+            heapq.heappop(self.pending)

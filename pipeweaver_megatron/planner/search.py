@@ -10,10 +10,10 @@ plan(batch, budget_ms, seed):
    memory capacity scores worse in proportion to the excess;
 4. return the best plan found within the budget (anytime), re-simulated in detail.
 
-The interleaver limits live activations with either the plain saved bytes ("base") or
-the most memory-efficient strategy's ("recompute"), leaving the memory optimiser to pick
-per-layer strategies; the better gate for the batch's default order is kept for the
-whole search. Everything random comes from random.Random(seed): a given seed and
+The interleaver limits live activations with the plain saved bytes ("base") or the
+fully recomputed ones ("recompute"), leaving the memory optimiser to pick per-layer
+strategies that fit; the better gate on the starting orders is kept for the whole
+search. (A gate halfway between never won on VLM-S, VLM-M or VLM-L and cost candidates.) Everything random comes from random.Random(seed): a given seed and
 evaluation count (max_evaluations) always give the same plan; a wall-clock budget may
 stop a slower machine earlier.
 """
@@ -48,8 +48,9 @@ class SearchSettings:
     fill_bubbles: bool = True
     """Phase 2 as the paper has it; off: strict 1F1B alternation in priority order."""
     memory_optimization: bool = True
-    """Phase 3; off: one strategy for the whole batch (no recompute if it fits, else
-    every layer recomputed), as a Megatron user would set it."""
+    """Phase 3; off: one strategy for the whole batch, as a Megatron user would set it:
+    no recompute (the interleaver keeps the plain activations within the budget) or
+    every layer recomputed (it keeps the recomputed ones within), whichever is faster."""
     window: int = 4
     rollouts: int = 4
     alpha: float = 2.0
@@ -128,6 +129,7 @@ class _Batch:
     problem: Problem
     budget: list[float]
     cache: CandidateCache
+    gate: str
     evaluations: int = 0
     last: SimResult | None = None
     best: tuple[float, tuple, object] = (math.inf, (), None)
@@ -161,29 +163,32 @@ class PipeWeaverPlanner:
         full = price(self.costs, self.layout, subs.shapes, recompute=every)
         budget = [self.capacity - s for s in self.static]
         count = len(batch.microbatches)
-        gates = {"base": None, "recompute": [[[c.saved_bytes for c in per_mb] for per_mb in per_stage]
-                                             for per_stage in full.costs]}
+        gates = {"base": None, "recompute": _saved(full)}
         cache = CandidateCache(self.costs.hardware.host_bandwidth, self.settings.max_candidates)
         state = None
         for gate_name, gate in gates.items():
             problem = build_problem(self.costs, self.layout, subs.counts, base.costs, count, gate)
-            trial = _Batch(subs, base, full, problem, list(budget), cache)
-            self._fit_budget(trial, started)
-            if state is None or trial.best[0] < state[1].best[0]:
-                state = (gate_name, trial)
-        gate_name, work = state
+            for start in starting_orders(problem)[:2 if self.settings.reorder else 1]:
+                trial = _Batch(subs, base, full, problem, list(budget), cache, gate_name)
+                self._fit_budget(trial, start, started)
+                if state is None or trial.best[0] < state[2].best[0]:
+                    state = (gate_name, start, trial)
+        gate_name, start, work = state
         work.history = [(h[0], 0, h[2]) for h in work.history[-1:]]
         work.evaluations = 0
         if self.settings.reorder:
             limit = self.settings.max_evaluations
 
             def stop() -> bool:
-                return time.perf_counter() >= deadline or (limit is not None
+                # Leave time for the final detailed simulation (about one candidate's).
+                now = time.perf_counter()
+                spent = (now - started) / max(work.evaluations + len(gates), 1)
+                return now + spent >= deadline or (limit is not None
                                                             and work.evaluations >= limit)
 
-            tree = SequenceTree(len(work.problem.groups),
-                                lambda seq: self._evaluate(work, seq, started),
-                                random.Random(seed), before=_precedence(work.problem),
+            tree = SequenceTree(len(start),
+                                lambda seq: self._evaluate(work, tuple(start[i] for i in seq), started),
+                                random.Random(seed), before=_precedence(work.problem, start),
                                 window=self.settings.window, rollouts=self.settings.rollouts,
                                 alpha=self.settings.alpha, beta=self.settings.beta)
             tree.run(stop)
@@ -191,7 +196,7 @@ class PipeWeaverPlanner:
         table = interleave(work.problem, sequence, work.budget,
                            fill_bubbles=self.settings.fill_bubbles).table
         detailed = simulate(self.costs, table, subs.shapes, priced=memory.priced)
-        lower = simulate(self.costs, table, subs.shapes, priced=base, detail=False).lower_bound_s
+        lower = _lower_bound(work.problem, detailed)
         stats = SearchStats(evaluations=work.evaluations,
                             elapsed_ms=(time.perf_counter() - started) * 1000, gate=gate_name,
                             history=tuple(work.history))
@@ -199,10 +204,9 @@ class PipeWeaverPlanner:
                           simulation=detailed, lower_bound_s=lower,
                           capacity_bytes=self.capacity, search=stats)
 
-    def _fit_budget(self, work: _Batch, started: float) -> None:
-        """Evaluate the default order; where SEMU's peak (which also counts P2P receive
+    def _fit_budget(self, work: _Batch, default: tuple[int, ...], started: float) -> None:
+        """Evaluate a starting order; where SEMU's peak (which also counts P2P receive
         buffers) exceeds the capacity, shrink that rank's activation budget and retry."""
-        default = tuple(range(len(work.problem.groups)))
         for _ in range(4):
             self._evaluate(work, default, started)
             peaks = work.last.peak_memory_bytes
@@ -235,13 +239,26 @@ class PipeWeaverPlanner:
                                    self.costs.hardware, max_candidates=self.settings.max_candidates,
                                    gap=self.settings.ilp_gap, cache=work.cache,
                                    time_limit_s=60.0, max_nodes=self.settings.ilp_nodes)
-        plain = _uniform(work.base, {}, table.layout.num_ranks)
-        result = simulate(self.costs, table, work.subs.shapes, priced=plain.priced, detail=False)
-        if max(result.peak_memory_bytes) <= self.capacity:
-            return plain
-        every = {(a.stage, a.microbatch, a.sub): Strategy(recompute_layers=self.layers[a.stage], offload_layers=0)
+        if work.gate == "base":
+            return _uniform(work.base, {}, table.layout.num_ranks)
+        every = {(a.stage, a.microbatch, a.sub): Strategy(recompute_layers=self.layers[a.stage],
+                                                          offload_layers=0)
                  for actions in table.ranks for a in actions if a.op == Op.F and self.layers[a.stage]}
         return _uniform(work.full, every, table.layout.num_ranks)
+
+
+def _lower_bound(problem: Problem, result: SimResult) -> float:
+    """Busiest rank's compute without recompute + its gradient reduction and optimizer
+    step (SEMU's lower bound, memory-agnostic)."""
+    busy = [0.0] * problem.num_ranks
+    for rank, seconds in zip(problem.rank, problem.duration):
+        busy[rank] += seconds
+    return max(b + d + o for b, d, o in zip(busy, result.dp_time_s, result.optimizer_time_s))
+
+
+def _saved(priced: PricedBatch) -> list:
+    """Saved bytes per (stage, microbatch, sub)."""
+    return [[[c.saved_bytes for c in per_mb] for per_mb in per_stage] for per_stage in priced.costs]
 
 
 def _uniform(priced: PricedBatch, strategies: dict, ranks: int) -> MemoryPlan:
@@ -250,11 +267,26 @@ def _uniform(priced: PricedBatch, strategies: dict, ranks: int) -> MemoryPlan:
                       method=("none",) * ranks, solve_ms=(0.0,) * ranks)
 
 
-def _precedence(problem: Problem) -> list[list[int]]:
-    """A microbatch's groups keep module order (the encoder's before the LM's)."""
-    first: dict[int, list[int]] = {}
+def starting_orders(problem: Problem) -> list[tuple[int, ...]]:
+    """Group sequences to start from: microbatch order, and (a reordering, so only with
+    reorder on) the heaviest microbatches first: a short drain, as the last microbatches
+    through the pipeline are the lightest. A microbatch's groups stay together, in
+    module order."""
+    work = [0.0] * problem.num_microbatches
+    for action, seconds in zip(problem.actions, problem.duration):
+        work[action.microbatch] += seconds
+    groups = range(len(problem.groups))
+    heavy = sorted(groups, key=lambda g: (-work[problem.groups[g][0]], g))
+    return [tuple(groups), tuple(heavy)]
+
+
+def _precedence(problem: Problem, order: tuple[int, ...]) -> list[list[int]]:
+    """In the tree's indices (positions in `order`): a microbatch's groups keep module
+    order (the encoder's before the LM's)."""
+    earlier: dict[int, list[int]] = {}
     needs: list[list[int]] = []
-    for g, (m, _) in enumerate(problem.groups):
-        needs.append(list(first.get(m, ())))
-        first.setdefault(m, []).append(g)
+    for index, g in enumerate(order):
+        m = problem.groups[g][0]
+        needs.append(list(earlier.get(m, ())))
+        earlier.setdefault(m, []).append(index)
     return needs

@@ -169,6 +169,9 @@ class PipeWeaverPlanner:
         for gate_name, gate in gates.items():
             problem = build_problem(self.costs, self.layout, subs.counts, base.costs, count, gate)
             for start in starting_orders(problem)[:2 if self.settings.reorder else 1]:
+                if state is not None and time.perf_counter() >= deadline \
+                        and self.settings.max_evaluations is None:
+                    break  # out of time: keep the best start found so far
                 trial = _Batch(subs, base, full, problem, list(budget), cache, gate_name)
                 self._fit_budget(trial, start, started)
                 if state is None or trial.best[0] < state[2].best[0]:

@@ -17,3 +17,10 @@ __all__ = [
     "layer_spec", "te_usable", "CpuRNGStatesTracker", "seed_model_parallel",
     "PortableRotaryEmbedding", "rotary_embedding", "transformer_config",
 ]
+
+# LMM chunks (vision encoder, projector, LM, DiT) and their synthetic data.
+from .data import MicrobatchData, microbatch_data, select  # noqa: E402
+from .lmm import ChunkResult, LMMChunk, build_reference, stage_chunk  # noqa: E402
+
+__all__ += ["MicrobatchData", "microbatch_data", "select", "ChunkResult", "LMMChunk",
+            "build_reference", "stage_chunk"]

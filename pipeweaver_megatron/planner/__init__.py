@@ -1,7 +1,8 @@
 """The planner: offline chunk partitioner, online sub-microbatch partitioner, and the
 per-batch search (MCTS reordering, greedy dual-queue interleaving, per-layer memory
-ILP) behind PipeWeaverPlanner.plan; the paper's comparison baselines; and a registry
-of every schedule SEMU can compare. Pure Python + numpy + HiGHS: no torch.
+ILP) behind PipeWeaverPlanner.plan; the paper's comparison baselines; a registry of
+every schedule SEMU can compare; and the compilation of a table into per-rank
+execution plans with the shapes of every message. Pure Python + numpy + HiGHS: no torch.
 """
 
 from .baselines import Comparison, ComparisonBaseline, build_comparison
@@ -13,10 +14,15 @@ from .partition import ChunkPlan, PartitionError, choose_sub_size, partition
 from .search import PipeWeaverPlanner, PlanResult, SearchSettings, SearchStats
 from .submicro import SubMicrobatches, split_batch, split_evenly
 from .systems import PIPEWEAVER, SYSTEMS, make_system
+from .messages import TensorSpec, stage_inputs, stage_outputs
+from .execplan import ExecutionPlan, Kind, Message, RankPlan, rank_plan_stats
+from .compile import PlanCheckError, check_plan, compile_table, table_flows
 
 __all__ = ["Comparison", "ComparisonBaseline", "build_comparison", "Strategy", "Interleaved",
            "PlannerError", "Problem", "build_problem", "interleave", "SequenceTree",
            "TreeResult", "MemoryPlan", "optimize_memory", "summarize", "transformer_layers",
            "ChunkPlan", "PartitionError", "choose_sub_size", "partition", "PipeWeaverPlanner",
            "PlanResult", "SearchSettings", "SearchStats", "SubMicrobatches", "split_batch",
-           "split_evenly", "PIPEWEAVER", "SYSTEMS", "make_system"]
+           "split_evenly", "PIPEWEAVER", "SYSTEMS", "make_system", "TensorSpec", "stage_inputs",
+           "stage_outputs", "ExecutionPlan", "Kind", "Message", "RankPlan", "rank_plan_stats",
+           "PlanCheckError", "check_plan", "compile_table", "table_flows"]

@@ -7,7 +7,8 @@ plan(batch, budget_ms, seed):
 3. search: MCTS over group priorities (mcts.py); each candidate is interleaved by the
    greedy dual-queue (interleave.py), memory-optimised per layer (memopt.py) and scored
    by SEMU's simulated iteration time; a candidate whose simulated peak exceeds the
-   memory capacity scores worse in proportion to the excess;
+   memory capacity scores worse than every candidate that fits (and worse the larger
+   its excess), so a plan that fits is always preferred;
 4. return the best plan found within the budget (anytime), re-simulated in detail.
 
 The interleaver limits live activations with the plain saved bytes ("base") or the
@@ -37,6 +38,8 @@ from .partition import ChunkPlan, partition
 from .submicro import SubMicrobatches, split_batch
 
 GIB = 2**30
+_INFEASIBLE = 1e6
+"""Seconds added to the score of a candidate that does not fit in memory."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,7 +224,8 @@ class PipeWeaverPlanner:
 
     def _evaluate(self, work: _Batch, sequence: tuple[int, ...], started: float) -> float:
         """Interleave, optimise memory, simulate; the score is the iteration time,
-        stretched by any excess over the memory capacity."""
+        or, for a candidate over the memory capacity, a penalty that ranks it behind every
+        candidate that fits and grows with the excess."""
         table = interleave(work.problem, sequence, work.budget,
                            fill_bubbles=self.settings.fill_bubbles).table
         memory = self._memory(table, work)
@@ -229,6 +233,8 @@ class PipeWeaverPlanner:
                                       detail=False)
         excess = max(0.0, max(result.peak_memory_bytes) / self.capacity - 1)
         score = result.iteration_time_s * (1 + 10 * excess)
+        if excess > 0:
+            score += _INFEASIBLE
         work.evaluations += 1
         if score < work.best[0]:
             work.best = (score, sequence, memory)

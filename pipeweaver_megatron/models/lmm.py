@@ -132,6 +132,10 @@ class LMMChunk(nn.Module):
             return ()
         return ("hidden",)
 
+    def set_input_tensor(self, inputs: Mapping[str, Tensor] | None) -> None:
+        """Megatron's protocol: the received tensors for the next forward."""
+        self.input_tensors = dict(inputs or {})
+
     def forward(self, inputs: Mapping[str, Tensor], data: MicrobatchData) -> ChunkResult:
         """Run the parts in order (see [Note: chunk forward])."""
         unexpected = set(inputs) - set(self.expected_inputs())

@@ -17,6 +17,7 @@ from ..workload import WorkloadError, TokenRules, record_trace, sample_workload,
 from ..planner import PlannerError, SYSTEMS, make_system
 from .format import format_model, format_simulation
 from .plan import add_cost_arguments, add_parser as add_plan_parser, cost_model
+from .verify import add_parser as add_verify_parser
 
 USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
                ScheduleValidationError, FileNotFoundError, CalibrationError, StuckSchedule,
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_profile_parser(sub)
     add_plan_parser(sub)
+    add_verify_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--model", default="VLM-S")
@@ -179,15 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except USER_ERRORS as exc:
         print(f"pipeweaver: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from .partition import partition
 
 PIPEWEAVER = "pipeweaver"
 SYSTEMS = (PIPEWEAVER, *(c.value for c in Comparison), *(b.value for b in Baseline))
+RUNNABLE = (Baseline.MEGATRON_1F1B.value, Baseline.MEGATRON_INTERLEAVED.value, PIPEWEAVER)
+"""What the runtime executes: Megatron's own orders on its placement, and PipeWeaver."""
 
 
 @dataclass

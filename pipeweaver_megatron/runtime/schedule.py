@@ -3,8 +3,9 @@
 `PipeWeaverSchedule(plan_source, ...)` is a callable with the keyword signature of
 megatron-core 0.16.1's forward_backward functions; `install()` (integration layer)
 hands it to Megatron's training loop. Each call takes this iteration's IterationPlan
-from plan_source, checks it at start-up (the rank's ops are all known kinds, the rank
-owns the chunks the plan names), reads the iteration's microbatches from the data
+from plan_source, checks it at start-up (every rank of the pipeline group holds the
+same plan hash, the rank's ops are all known kinds, the rank owns the chunks the plan
+names), reads the iteration's microbatches from the data
 iterator, and runs the rank's ops. Megatron's conventions are kept:
 
 - forward_step_func(data_iterator, model_chunk) -> (output, loss_func); the chunk gets
@@ -27,6 +28,7 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..ir import Action, Op
 from ..planner.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
@@ -56,6 +58,7 @@ class PipeWeaverSchedule:
                  adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None,
                  force_all_reduce: bool | None = False) -> list:
         plan = self.last_plan = self.plan_source()
+        self._check_agreement(plan)
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         stages = [s.index for s in plan.table.layout.stages_of_rank(self.rank)]
         _check(plan, self.rank, stages, chunks, num_microbatches)
@@ -78,6 +81,17 @@ class PipeWeaverSchedule:
             config.finalize_model_grads_func(chunks, tokens, pg_collection=pg_collection,
                                              force_all_reduce=force_all_reduce)
         return steps.reports
+
+
+    def _check_agreement(self, plan: IterationPlan) -> None:
+        """Every rank of the pipeline group must run the same plan (content hash)."""
+        mine = plan.content_hash
+        hashes: list = [None] * len(self.global_ranks)
+        dist.all_gather_object(hashes, mine, group=self.group)
+        for rank, theirs in enumerate(hashes):
+            if theirs != mine:
+                raise ExecutionError(f"rank {self.rank}: plan {mine[:16]} differs from pipeline "
+                                     f"rank {rank}'s plan {str(theirs)[:16]}; refusing to run")
 
 
 def _check(plan: IterationPlan, rank: int, stages: list[int], chunks: list, count: int) -> None:

@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
@@ -24,12 +24,17 @@ import torch.multiprocessing as mp
 
 from ..config import get_hardware, load_model
 from ..planner import PipeWeaverPlanner, SearchSettings, partition
+from ..planner.systems import RUNNABLE
 from ..planner.iteration import IterationPlan, plan_iteration
 from ..schedules import build_baseline
 from ..semu import CostModel
 from ..workload import TokenRules, sample_workload
 
-SCHEDULES = ("megatron-1f1b", "megatron-interleaved", "pipeweaver")
+SCHEDULES = RUNNABLE
+FAULTS = ("perturbed-weight", "disagreeing-plan", "silent-peer")
+"""Injected by tests: a wrong weight on rank 0 (verify must report a mismatch), a plan
+that differs on rank 1, and pipeline rank 0 never sending (both must end in an error
+naming the rank and the op, never a hang)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,17 +59,22 @@ class VerifyResult:
                 and self.parameters == self.reference_parameters)
 
 
-def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int, seed: int,
-                dataset: str | None = None) -> tuple[list[IterationPlan], object]:
-    """The iteration plans of `batches` sampled global batches on pp ranks."""
+def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int | list, seed: int,
+                dataset: str | None = None, sub_size: dict[str, int] | None = None
+                ) -> tuple[list[IterationPlan], object]:
+    """The iteration plans of `batches` sampled global batches (or of the GlobalBatches
+    given) on pp ranks; sub_size overrides the partitioner's sub-microbatch sizes."""
     model = load_model(model_name)
     rules = TokenRules.from_model(model)
-    sampled = sample_workload(model, dataset or model.dataset, batches, seed)
+    sampled = batches if isinstance(batches, list) else \
+        sample_workload(model, dataset or model.dataset, batches, seed)
     plans = []
     if schedule == "pipeweaver":
         costs = CostModel(model, get_hardware(model.hardware))
-        planner = PipeWeaverPlanner(costs, partition(costs, num_ranks=pp, reference=sampled[0]),
-                                    SearchSettings(max_evaluations=8))
+        chunks = partition(costs, num_ranks=pp, reference=sampled[0])
+        if sub_size:
+            chunks = replace(chunks, sub_size={**chunks.sub_size, **sub_size})
+        planner = PipeWeaverPlanner(costs, chunks, SearchSettings(max_evaluations=8))
         for i, batch in enumerate(sampled):
             result = planner.plan(batch, 60_000, seed + i)
             plans.append(plan_iteration(model, result.table, batch, rules, tp=tp,
@@ -105,6 +115,12 @@ def reference_run(model, plans: list[IterationPlan], seed: int) -> dict:
         teardown()
 
 
+def _wait_all(context, deadline: float) -> None:
+    """After one rank failed, give the others until the deadline to report theirs."""
+    for process in context.processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,87 +128,130 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int, seed: int,
-               reference_path: str, out_path: str, timeout_s: float) -> None:
+               reference_path: str, out_path: str, timeout_s: float, fault: str | None) -> None:
     from datetime import timedelta
 
+    from ..models import teardown
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The group's own timeout outlasts the transport's, so a silent peer surfaces as a
+    # Python error naming rank and op rather than gloo aborting the process.
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2 * timeout_s + 30))
+    try:
+        _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault)
+    except BaseException as exc:
+        torch.save({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f"{out_path}.{rank}")
+        os._exit(1)  # skip teardown: peers may still hold posted operations with this rank
+    teardown()
+
+
+def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault):
     from megatron.core import parallel_state
 
-    from ..models import init_parallel, stage_chunk, teardown
+    from ..models import init_parallel, stage_chunk
     from ..models.data import microbatch_data
     from ..models.lmm import shard
     from .lmm_step import lmm_forward_step
     from .schedule import PipeWeaverSchedule
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
-    try:
-        init_parallel(tp, pp, seed)
-        reference = torch.load(reference_path, weights_only=False)
-        rules = TokenRules.from_model(model)
-        p_rank = parallel_state.get_pipeline_model_parallel_rank()
-        t_rank = parallel_state.get_tensor_model_parallel_rank()
-        group = parallel_state.get_pipeline_model_parallel_group()
-        layout = plans[0].table.layout
-        stages = [s.index for s in layout.stages_of_rank(p_rank)]
-        chunks = [stage_chunk(model, layout, s, tp=tp, seed=seed).load_from(reference["state"])
-                  for s in stages]
+    init_parallel(tp, pp, seed)
+    reference = torch.load(reference_path, weights_only=False)
+    rules = TokenRules.from_model(model)
+    p_rank = parallel_state.get_pipeline_model_parallel_rank()
+    t_rank = parallel_state.get_tensor_model_parallel_rank()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    layout = plans[0].table.layout
+    stages = [s.index for s in layout.stages_of_rank(p_rank)]
+    chunks = [stage_chunk(model, layout, s, tp=tp, seed=seed).load_from(reference["state"])
+              for s in stages]
+    if fault == "perturbed-weight" and rank == 0:
+        with torch.no_grad():
+            first = next(chunks[0].parameters())
+            first.add_(0.01 * torch.randn(first.shape, generator=torch.Generator().manual_seed(1)))
+    if fault == "disagreeing-plan" and p_rank == 1:
+        plans = plans[1:] + plans[:1]
+    if fault == "silent-peer" and p_rank == 0:
+        _silence_sends()
+    for chunk in chunks:
+        chunk.config = SimpleNamespace(
+            calculate_per_token_loss=True, grad_scale_func=None, no_sync_func=None,
+            grad_sync_func=None, param_sync_func=None, finalize_model_grads_func=None)
+    index = iter(range(len(plans)))
+    schedule = PipeWeaverSchedule(lambda: plans[next(index)], model, rules, p_rank,
+                                  dist.get_process_group_ranks(group), group, timeout_s)
+    worst_grad, worst_loss, losses, names = 0.0, 0.0, [], set()
+    for b, plan in enumerate(plans):
         for chunk in chunks:
-            chunk.config = SimpleNamespace(
-                calculate_per_token_loss=True, grad_scale_func=None, no_sync_func=None,
-                grad_sync_func=None, param_sync_func=None, finalize_model_grads_func=None)
-        index = iter(range(len(plans)))
-        schedule = PipeWeaverSchedule(lambda: plans[next(index)], model, rules, p_rank,
-                                      dist.get_process_group_ranks(group), group, timeout_s)
-        worst_grad, worst_loss, losses, names = 0.0, 0.0, [], set()
-        for b, plan in enumerate(plans):
-            for chunk in chunks:
-                chunk.zero_grad(set_to_none=True)
-            data = iter([microbatch_data(model, mb, rules, seed) for mb in plan.batch.microbatches])
-            reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data, model=chunks,
-                               num_microbatches=plan.table.num_microbatches)
-            total = sum(float(r["loss"][0]) for r in reports)
-            losses.append(total if reports else None)
-            if reports and t_rank == 0:
-                worst_loss = max(worst_loss, abs(total - reference["losses"][b])
-                                 / max(abs(reference["losses"][b]), 1e-12))
-            for chunk in chunks:
-                for name, param in chunk.named_parameters():
-                    full = reference["grads"][b][name]
-                    want = shard(full, param, chunk._gated(name), t_rank, tp)
-                    got = param.grad if param.grad is not None else torch.zeros_like(param)
-                    scale = max(full.abs().max().item(), 1e-12)
-                    worst_grad = max(worst_grad, (got - want).abs().max().item() / scale)
-                    names.add(name)
-        torch.save({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
-                    "names": sorted(names)}, f"{out_path}.{rank}")
-    finally:
-        teardown()
+            chunk.zero_grad(set_to_none=True)
+        data = iter([microbatch_data(model, mb, rules, seed) for mb in plan.batch.microbatches])
+        reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data, model=chunks,
+                           num_microbatches=plan.table.num_microbatches)
+        total = sum(float(r["loss"][0]) for r in reports)
+        losses.append(total if reports else None)
+        if reports and t_rank == 0:
+            worst_loss = max(worst_loss, abs(total - reference["losses"][b])
+                             / max(abs(reference["losses"][b]), 1e-12))
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                full = reference["grads"][b][name]
+                want = shard(full, param, chunk._gated(name), t_rank, tp)
+                got = param.grad if param.grad is not None else torch.zeros_like(param)
+                scale = max(full.abs().max().item(), 1e-12)
+                worst_grad = max(worst_grad, (got - want).abs().max().item() / scale)
+                names.add(name)
+    torch.save({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
+                "names": sorted(names)}, f"{out_path}.{rank}")
 
 
-def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int = 2, seed: int = 0,
-           dataset: str | None = None, tolerance: float = 1e-4, timeout_s: float = 120.0) -> VerifyResult:
-    """Run the comparison (see the module docstring)."""
+def _silence_sends() -> None:
+    """Fault injection: this process's transport never sends (the plan, and so its
+    hash, stay the same), as a peer that hangs would."""
+    from .p2p import Transport
+
+    post = Transport.post
+    Transport.post = lambda self, items: post(self, [i for i in items if i[0] != "send"])
+
+
+def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | list = 2,
+           seed: int = 0, dataset: str | None = None, tolerance: float = 1e-4,
+           timeout_s: float = 120.0, sub_size: dict[str, int] | None = None,
+           fault: str | None = None) -> VerifyResult:
+    """Run the comparison (see the module docstring); batches: a count to sample, or
+    GlobalBatches. Raises RuntimeError (with the failing rank's error) when a rank fails."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     began = time.perf_counter()
-    plans, model = build_plans(model_name, schedule, pp, tp, batches, seed, dataset)
+    plans, model = build_plans(model_name, schedule, pp, tp, batches, seed, dataset, sub_size)
+    batches = len(plans)
     reference = reference_run(model, plans, seed)
     with tempfile.TemporaryDirectory() as tmp:
         ref_path, out_path = os.path.join(tmp, "reference.pt"), os.path.join(tmp, "rank")
         torch.save(reference, ref_path)
         world = pp * tp
         context = mp.start_processes(_rank_main, args=(world, _free_port(), model, plans, tp, pp,
-                                                        seed, ref_path, out_path, timeout_s),
+                                                        seed, ref_path, out_path, timeout_s, fault),
                                      nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s * 2 + 60
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks still running after {timeout_s * 2 + 60:.0f} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            _wait_all(context, deadline)
+        finally:
+            for process in context.processes:
+                if process.is_alive():
                     process.kill()
-                raise TimeoutError(f"ranks still running after {timeout_s * 2 + 60:.0f} s")
-        results = [torch.load(f"{out_path}.{r}", weights_only=False) for r in range(world)]
+        results = [torch.load(f"{out_path}.{r}", weights_only=False)
+                   if os.path.exists(f"{out_path}.{r}") else {"rank": r, "error": "no result"}
+                   for r in range(world)]
+        errors = [f"rank {r['rank']}: {r['error']}" for r in results if "error" in r]
+        if errors:
+            raise RuntimeError("; ".join(errors))
     names = set().union(*(r["names"] for r in results))
     losses = [next((r["losses"][b] for r in results if r["losses"][b] is not None), float("nan"))
               for b in range(batches)]

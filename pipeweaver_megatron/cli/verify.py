@@ -1,0 +1,54 @@
+"""`pipeweaver verify`: a plan's losses and gradients against a single-process run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..planner.systems import RUNNABLE
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..runtime.verify import verify  # torch and megatron load only for this command
+
+    try:
+        result = verify(args.model, args.schedule, args.pp, args.tp, args.batches, args.seed,
+                        args.workload, args.tolerance, args.timeout)
+    except (RuntimeError, TimeoutError) as exc:  # a rank failed: its error names rank and op
+        print(f"pipeweaver verify: FAILED: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"ok": result.ok, "max_loss_diff": result.max_loss_diff,
+                          "max_grad_diff": result.max_grad_diff, "parameters": result.parameters,
+                          "reference_parameters": result.reference_parameters,
+                          "losses": result.losses, "reference_losses": result.reference_losses,
+                          "plans": result.plans, "elapsed_s": result.elapsed_s}))
+    else:
+        print(f"{args.model}, {args.schedule}, PP={args.pp} TP={args.tp}, {len(result.losses)} "
+              f"batches on {args.pp * args.tp} local processes (gloo) against one process")
+        for i, (got, want) in enumerate(zip(result.losses, result.reference_losses)):
+            print(f"  batch {i} (plan {result.plans[i]}): loss sum {got:.6f}, reference {want:.6f}")
+        print(f"  largest loss difference      {result.max_loss_diff:.2e} (relative)")
+        print(f"  largest gradient difference  {result.max_grad_diff:.2e} (relative to each "
+              f"parameter's largest gradient), {result.parameters}/{result.reference_parameters} "
+              "parameters compared")
+        print(f"  {'MATCH' if result.ok else 'MISMATCH'} at tolerance {result.tolerance:g} "
+              f"({result.elapsed_s:.1f} s)")
+    return 0 if result.ok else 1
+
+
+def add_parser(sub) -> None:
+    verify = sub.add_parser("verify", help="check a schedule's losses and gradients against "
+                                           "one process, on local CPU processes")
+    verify.add_argument("--model", required=True)
+    verify.add_argument("--pp", type=int, required=True)
+    verify.add_argument("--tp", type=int, default=1)
+    verify.add_argument("--schedule", choices=RUNNABLE, default="pipeweaver")
+    verify.add_argument("--batches", type=int, default=2)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
+    verify.add_argument("--tolerance", type=float, default=1e-4)
+    verify.add_argument("--timeout", type=float, default=120.0, help="seconds a rank may wait")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_verify)

@@ -29,7 +29,9 @@ def check(result) -> None:
     ("tiny-vlm", "megatron-1f1b"), ("tiny-vlm", "megatron-interleaved"), ("tiny-vlm", "pipeweaver"),
     ("tiny-t2v", "megatron-1f1b"), ("tiny-t2v", "pipeweaver")])
 def test_two_ranks_match_one_process(model, schedule):
-    check(verify(model, schedule, pp=2, batches=2, seed=1, timeout_s=60))
+    result = verify(model, schedule, pp=2, batches=2, seed=1, timeout_s=60)
+    check(result)
+    assert result.freed_outputs > 0  # sent activations were freed, gradients still right
 
 
 def test_tp2_pp2_on_four_processes_matches():
@@ -85,3 +87,12 @@ def test_verify_command_exit_status_and_json():
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(done.stdout)
     assert data["ok"] and data["parameters"] == data["reference_parameters"]
+
+
+def test_forward_only_reports_the_reference_losses_without_gradients():
+    """Evaluation: forward_only runs the forwards alone and reports the same losses."""
+    from pipeweaver_megatron.runtime.verify import forward_only_losses
+
+    losses, reference, grads = forward_only_losses("tiny-vlm", "pipeweaver", pp=2, batches=1)
+    assert losses == pytest.approx(reference, rel=1e-6)
+    assert grads == 0

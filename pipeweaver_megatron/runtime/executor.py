@@ -75,10 +75,22 @@ class RankExecutor:
     readers: dict[tuple, int] = field(default_factory=dict)
     """Received activation -> forwards on this rank still to read it."""
 
+    freed: int = 0
+    """Output tensors whose storage was freed after sending."""
+    sends_left: dict[Action, int] = field(default_factory=dict)
+    """Forward -> its activation messages not yet completed (see [Note: output freeing])."""
+
     def __post_init__(self) -> None:
+        layout = self.plan.table.layout
         for flow in table_flows(self.plan.table):
             if flow.dst == self.rank and flow.key[0] == Kind.ACTIVATION:
                 self.readers[flow.key] = len(flow.consumers)
+            if flow.src == self.rank and flow.key[0] == Kind.ACTIVATION:
+                producer = flow.key[1]
+                local = any(layout.stages[e.dst].rank == self.rank
+                            for e in layout.successors(producer.stage))
+                if not local:
+                    self.sends_left[producer] = self.sends_left.get(producer, 0) + 1
 
     def run(self) -> None:
         ops = self.plan.execution.ranks[self.rank].ops
@@ -110,8 +122,29 @@ class RankExecutor:
             self.received[op.message.key] = dict(zip((t.name for t in op.message.tensors), tensors))
         elif isinstance(op, WaitSend):
             self.transport.wait("send", op.message)
+            if op.message.kind == Kind.ACTIVATION:
+                self._sent(op.message.producer)
         else:
             raise ExecutionError(f"rank {self.rank}: unknown op {op!r}")
+
+    def _sent(self, producer: Action) -> None:
+        """[Note: output freeing] As Megatron's deallocate_output_tensor: once every
+        message of a forward's outputs has been sent and no stage on this rank reads them,
+        their storage is freed; the autograd graph stays (the backward runs through the
+        engine without shape checks). An output that is also one of the stage's inputs
+        (the DiT forwards "cond" unchanged) keeps its storage: autograd may hold it."""
+        left = self.sends_left.get(producer)
+        if left is None:
+            return
+        self.sends_left[producer] = left - 1
+        saved = self.saved.get(producer)
+        if left > 1 or saved is None:
+            return
+        inputs = {id(leaf) for _, _, leaf in saved.leaves}
+        for tensor in saved.outputs.values():
+            if id(tensor) not in inputs and tensor._base is None:
+                tensor.data = torch.empty((1,), dtype=tensor.dtype, device=tensor.device)
+                self.freed += 1
 
     def _forward_part(self, op):
         """The op without its backward work (None when nothing is left)."""

@@ -50,6 +50,8 @@ class PipeWeaverSchedule:
         self.rank, self.global_ranks, self.group = pipeline_rank, list(global_ranks), group
         self.timeout_s = timeout_s
         self.last_plan: IterationPlan | None = None
+        self.freed_outputs = 0
+        """Output tensors freed after sending, over all calls."""
 
     def __call__(self, *, forward_step_func, data_iterator, model, num_microbatches: int,
                  seq_length: int | None = None, micro_batch_size: int | None = None,
@@ -76,8 +78,11 @@ class PipeWeaverSchedule:
                     executor.run()
             else:
                 executor.run()
+        self.freed_outputs += executor.freed
         if config is not None and config.finalize_model_grads_func is not None and not forward_only:
-            tokens = steps.total_tokens if config.calculate_per_token_loss else None
+            # On the chunks' device, as Megatron's total_num_tokens (finalize reduces it).
+            tokens = torch.tensor(steps.total_tokens, dtype=torch.int, device=device) \
+                if config.calculate_per_token_loss else None
             config.finalize_model_grads_func(chunks, tokens, pg_collection=pg_collection,
                                              force_all_reduce=force_all_reduce)
         return steps.reports
@@ -130,7 +135,7 @@ class _Steps:
         self.forward_step_func, self.count = forward_step_func, count
         self.forward_only, self.collect = forward_only, collect_non_loss_data
         self.reports: list = []
-        self.total_tokens = torch.zeros([], dtype=torch.int)
+        self.total_tokens = 0
         actions = plan.table.ranks[schedule.rank]
         self.last_backward = {a.stage: a for a in actions if a.op == Op.B}
         self.first_forward = {}
@@ -188,7 +193,7 @@ class _Steps:
         result = loss_func(output)
         if len(result) == 3:
             loss, tokens, report = result
-            self.total_tokens += torch.as_tensor(tokens, dtype=torch.int).cpu()
+            self.total_tokens += int(tokens)
             if self.config is None or not self.config.calculate_per_token_loss:
                 loss = loss / torch.clamp(torch.as_tensor(tokens), min=1) / self.count
         else:
@@ -203,7 +208,12 @@ class _Steps:
         tensors = [scale(t) if g is None and scale is not None else t for t, g in zip(tensors, grads)]
         if last and not self._funcs("grad_sync_func"):
             self._enable_sync()
-        torch.autograd.backward(tensors, grad_tensors=grads)
+        grads = [torch.ones_like(t) if g is None else g for t, g in zip(tensors, grads)]
+        # The engine directly, as Megatron's custom_backward: freed outputs (see the
+        # executor's [Note: output freeing]) would fail autograd.backward's shape check.
+        torch.autograd.Variable._execution_engine.run_backward(
+            tensors=tuple(tensors), grad_tensors=tuple(grads), keep_graph=False,
+            create_graph=False, inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
         if last:
             grad_sync = self._funcs("grad_sync_func")
             if grad_sync:

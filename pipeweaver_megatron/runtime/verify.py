@@ -52,6 +52,10 @@ class VerifyResult:
     tolerance: float
     elapsed_s: float
     plans: list[str] = field(default_factory=list)
+    freed_outputs: int = 0
+    params_with_grad: int = 0
+    """Parameters holding a gradient after a forward_only run (must be 0)."""
+    """Outputs whose storage the ranks freed after sending (Megatron's deallocation)."""
 
     @property
     def ok(self) -> bool:
@@ -128,7 +132,8 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int, seed: int,
-               reference_path: str, out_path: str, timeout_s: float, fault: str | None) -> None:
+               reference_path: str, out_path: str, timeout_s: float, fault: str | None,
+               forward_only: bool = False) -> None:
     from datetime import timedelta
 
     from ..models import teardown
@@ -140,14 +145,16 @@ def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int,
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=2 * timeout_s + 30))
     try:
-        _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault)
+        _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
+                  forward_only)
     except BaseException as exc:
         torch.save({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f"{out_path}.{rank}")
         os._exit(1)  # skip teardown: peers may still hold posted operations with this rank
     teardown()
 
 
-def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault):
+def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
+              forward_only=False):
     from megatron.core import parallel_state
 
     from ..models import init_parallel, stage_chunk
@@ -181,13 +188,13 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
     index = iter(range(len(plans)))
     schedule = PipeWeaverSchedule(lambda: plans[next(index)], model, rules, p_rank,
                                   dist.get_process_group_ranks(group), group, timeout_s)
-    worst_grad, worst_loss, losses, names = 0.0, 0.0, [], set()
+    worst_grad, worst_loss, losses, names, with_grad = 0.0, 0.0, [], set(), 0
     for b, plan in enumerate(plans):
         for chunk in chunks:
             chunk.zero_grad(set_to_none=True)
         data = iter([microbatch_data(model, mb, rules, seed) for mb in plan.batch.microbatches])
         reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data, model=chunks,
-                           num_microbatches=plan.table.num_microbatches)
+                           num_microbatches=plan.table.num_microbatches, forward_only=forward_only)
         total = sum(float(r["loss"][0]) for r in reports)
         losses.append(total if reports else None)
         if reports and t_rank == 0:
@@ -195,6 +202,9 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                              / max(abs(reference["losses"][b]), 1e-12))
         for chunk in chunks:
             for name, param in chunk.named_parameters():
+                if forward_only:
+                    with_grad += param.grad is not None
+                    continue
                 full = reference["grads"][b][name]
                 want = shard(full, param, chunk._gated(name), t_rank, tp)
                 got = param.grad if param.grad is not None else torch.zeros_like(param)
@@ -202,7 +212,8 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                 worst_grad = max(worst_grad, (got - want).abs().max().item() / scale)
                 names.add(name)
     torch.save({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
-                "names": sorted(names)}, f"{out_path}.{rank}")
+                "names": sorted(names), "freed": schedule.freed_outputs,
+                "with_grad": with_grad}, f"{out_path}.{rank}")
 
 
 def _silence_sends() -> None:
@@ -217,7 +228,7 @@ def _silence_sends() -> None:
 def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | list = 2,
            seed: int = 0, dataset: str | None = None, tolerance: float = 1e-4,
            timeout_s: float = 120.0, sub_size: dict[str, int] | None = None,
-           fault: str | None = None) -> VerifyResult:
+           fault: str | None = None, forward_only: bool = False) -> VerifyResult:
     """Run the comparison (see the module docstring); batches: a count to sample, or
     GlobalBatches. Raises RuntimeError (with the failing rank's error) when a rank fails."""
     if schedule not in SCHEDULES:
@@ -233,7 +244,8 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
         torch.save(reference, ref_path)
         world = pp * tp
         context = mp.start_processes(_rank_main, args=(world, _free_port(), model, plans, tp, pp,
-                                                        seed, ref_path, out_path, timeout_s, fault),
+                                                        seed, ref_path, out_path, timeout_s, fault,
+                                                        forward_only),
                                      nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s * 2 + 60
         try:
@@ -260,4 +272,14 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
                         reference_parameters=len(reference["grads"][0]), losses=losses,
                         reference_losses=reference["losses"], tolerance=tolerance,
                         elapsed_s=time.perf_counter() - began,
-                        plans=[p.content_hash[:16] for p in plans])
+                        plans=[p.content_hash[:16] for p in plans],
+                        freed_outputs=sum(r["freed"] for r in results),
+                        params_with_grad=sum(r["with_grad"] for r in results))
+
+
+def forward_only_losses(model_name: str, schedule: str, pp: int, batches: int = 1,
+                        seed: int = 0) -> tuple[list[float], list[float], int]:
+    """Evaluation through the runtime: (loss sums, reference loss sums, parameters that
+    got a gradient anyway)."""
+    result = verify(model_name, schedule, pp, batches=batches, seed=seed, forward_only=True)
+    return result.losses, result.reference_losses, result.params_with_grad

@@ -186,9 +186,10 @@ class PipeWeaverPlanner:
             limit = self.settings.max_evaluations
 
             def stop() -> bool:
-                # Leave time for the final detailed simulation (about one candidate's).
+                # Leave time for the final interleave and detailed simulation (about two
+                # candidates).
                 now = time.perf_counter()
-                spent = (now - started) / max(work.evaluations + len(gates), 1)
+                spent = 2 * (now - started) / max(work.evaluations + len(gates), 1)
                 return now + spent >= deadline or (limit is not None
                                                             and work.evaluations >= limit)
 

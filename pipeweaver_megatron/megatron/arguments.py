@@ -1,0 +1,68 @@
+"""The --pipeweaver flags, composable with any Megatron extra_args_provider.
+
+    from pipeweaver_megatron import add_arguments, chain_args
+    pretrain(..., extra_args_provider=chain_args(my_extra_args))
+
+Only argparse here: adding the flags imports neither torch nor megatron.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from ..planner.systems import PIPEWEAVER, RUNNABLE
+
+FAULTS = ("planner-crash", "planner-hang", "bad-plan")
+
+
+def fault_spec(text: str) -> tuple[str, int]:
+    """--pipeweaver-inject-fault KIND@ITER."""
+    kind, _, iteration = text.partition("@")
+    if kind not in FAULTS or not iteration.isdigit():
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(FAULTS)} followed by "
+                                         f"@ITERATION, got {text!r}")
+    return kind, int(iteration)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the PipeWeaver group to a Megatron (or any argparse) parser; returns it."""
+    group = parser.add_argument_group("pipeweaver", "dynamic modality-aware pipeline schedules")
+    group.add_argument("--pipeweaver", action="store_true",
+                       help="run pipeline parallelism through forward_backward_pipeweaver")
+    group.add_argument("--pipeweaver-model-config", metavar="NAME_OR_YAML",
+                       help="model spec: a name from model_configs/ or a YAML path")
+    group.add_argument("--pipeweaver-hardware", help="SEMU hardware profile (default: the spec's)")
+    group.add_argument("--pipeweaver-calibration", metavar="FILE",
+                       help="SEMU calibration from `pipeweaver profile`")
+    group.add_argument("--pipeweaver-search-budget-ms", type=float, default=1000.0,
+                       help="search time per iteration in the planner process")
+    group.add_argument("--pipeweaver-lookahead", type=int, default=2,
+                       help="global batches planned ahead of training")
+    group.add_argument("--pipeweaver-planner-workers", type=int, default=1,
+                       help="planner processes per pipeline group")
+    group.add_argument("--pipeweaver-plan-timeout-ms", type=float, default=2000.0,
+                       help="longest wait for a plan before the fallback schedule runs")
+    group.add_argument("--pipeweaver-fallback", choices=RUNNABLE[:2], default=RUNNABLE[0],
+                       help="schedule of an iteration whose plan is late or invalid")
+    group.add_argument("--pipeweaver-schedule", choices=RUNNABLE, default=PIPEWEAVER,
+                       help="pipeweaver, or a Megatron order through the same runtime")
+    group.add_argument("--pipeweaver-trace-dir", metavar="DIR",
+                       help="write predicted timelines (Perfetto JSON) here")
+    group.add_argument("--pipeweaver-log", metavar="FILE.jsonl",
+                       help="per-iteration JSON lines (loss, times, plan latency, fallback)")
+    group.add_argument("--pipeweaver-inject-fault", type=fault_spec, action="append", default=[],
+                       metavar="KIND@ITER", help=f"tests only: {', '.join(FAULTS)} at an iteration")
+    return parser
+
+
+def chain_args(other: Callable[[argparse.ArgumentParser], argparse.ArgumentParser] | None = None
+               ) -> Callable[[argparse.ArgumentParser], argparse.ArgumentParser]:
+    """An extra_args_provider adding the --pipeweaver flags after `other`'s."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if other is not None:
+            parser = other(parser) or parser
+        return add_arguments(parser)
+
+    return provider

@@ -1,0 +1,89 @@
+"""The --pipeweaver flags and install(): composable with Megatron's extra_args_provider,
+and Megatron's own forward_backward function restored when not installed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pipeweaver_megatron
+from pipeweaver_megatron.megatron import install, uninstall
+
+
+def parse(*argv: str, provider=None):
+    parser = (provider or pipeweaver_megatron.chain_args())(argparse.ArgumentParser())
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_leave_pipeweaver_off():
+    args = parse()
+    assert not args.pipeweaver and args.pipeweaver_schedule == "pipeweaver"
+    assert args.pipeweaver_lookahead >= 1 and args.pipeweaver_inject_fault == []
+
+
+def test_flags_parse_and_compose_with_another_provider():
+    def megatron_like(parser):
+        parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+        return parser
+
+    args = parse("--pipeweaver", "--pipeweaver-model-config", "tiny-vlm",
+                 "--pipeweaver-schedule", "megatron-1f1b", "--pipeweaver-lookahead", "3",
+                 "--pipeweaver-inject-fault", "planner-hang@4",
+                 "--pipeweaver-inject-fault", "bad-plan@7", "--pipeline-model-parallel-size", "2",
+                 provider=pipeweaver_megatron.chain_args(megatron_like))
+    assert args.pipeweaver and args.pipeweaver_model_config == "tiny-vlm"
+    assert args.pipeline_model_parallel_size == 2 and args.pipeweaver_lookahead == 3
+    assert args.pipeweaver_inject_fault == [("planner-hang", 4), ("bad-plan", 7)]
+
+
+@pytest.mark.parametrize("bad", ["planner-crash", "crash@3", "bad-plan@x"])
+def test_bad_fault_specs_are_rejected(bad, capsys):
+    with pytest.raises(SystemExit):
+        parse("--pipeweaver-inject-fault", bad)
+    assert "expected one of planner-crash" in capsys.readouterr().err
+
+
+def test_adding_the_flags_imports_no_torch():
+    code = ("import sys, argparse, pipeweaver_megatron\n"
+            "pipeweaver_megatron.add_arguments(argparse.ArgumentParser())\n"
+            "sys.exit(any(m.split('.')[0] in ('torch', 'megatron') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_install_rebinds_megatron_core_and_uninstall_restores():
+    from megatron.core import pipeline_parallel
+    from megatron.core.pipeline_parallel import schedules
+
+    original = pipeline_parallel.get_forward_backward_func
+    marker = object()
+    try:
+        rebound = install(marker)
+        assert "megatron.core.pipeline_parallel" in rebound
+        assert pipeline_parallel.get_forward_backward_func() is marker
+        assert schedules.get_forward_backward_func(pp_size=2, vp_size=None) is marker
+    finally:
+        uninstall()
+    assert pipeline_parallel.get_forward_backward_func is original
+    assert pipeline_parallel.get_forward_backward_func.__module__ == schedules.__name__
+
+
+MEGATRON_LM = os.environ.get("MEGATRON_LM_DIR")
+
+
+@pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 "
+                    "checkout (with its Python requirements) to test against megatron.training")
+def test_install_also_rebinds_megatron_training():
+    import megatron
+
+    megatron.__path__.append(os.path.join(MEGATRON_LM, "megatron"))
+    import megatron.training.training as training
+
+    try:
+        assert "megatron.training.training" in install(marker := object())
+        assert training.get_forward_backward_func() is marker
+    finally:
+        uninstall()

@@ -7,7 +7,10 @@ with the sample. Tensors are made on the host; move them with ``MicrobatchData.t
 [Note: synthetic LM sequence] A sample's LM sequence is its text with its images
 inserted: image j (of n) occupies its LM tokens right after text token (j * T) // n
 (T = the sample's text tokens), so the first image opens the sample. Image positions
-hold the placeholder id IMAGE_TOKEN_ID; text ids are drawn from [1, vocab). Positions
+hold the placeholder id IMAGE_TOKEN_ID; text ids are an arithmetic sequence in
+[1, TEXT_SPAN] with a random start and a stride of 1 to 3, so training has something to
+learn (first the ids in use, then the next one from the context) and a falling loss
+shows that it does. Positions
 restart at 0 in every sample. The label of position p is the token at p + 1 of the same
 sample; the loss mask is 1 only where that next token is a text token of the same
 sample (no loss on predicting image tokens, none across sample boundaries).
@@ -39,6 +42,8 @@ from ..workload import Microbatch, SampleMeta, TokenRules
 
 IMAGE_TOKEN_ID = 0
 """Placeholder token id at image positions of the LM sequence."""
+TEXT_SPAN = 61
+"""Text ids cycle through 1..TEXT_SPAN (or the vocabulary, if smaller)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -176,7 +181,10 @@ def cu_seqlens(lengths: Sequence[int]) -> Tensor:
 def _sample_text(sample: SampleMeta, image_tokens: Sequence[int], vocab: int,
                  gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """(token ids, is-image flags) of one sample's LM sequence."""
-    text = torch.randint(1, vocab, (sample.text_tokens,), generator=gen)
+    span = min(vocab - 1, TEXT_SPAN)
+    start = torch.randint(0, span, (1,), generator=gen)
+    stride = torch.randint(1, 4, (1,), generator=gen)
+    text = (start + torch.arange(sample.text_tokens) * stride) % span + 1  # learnable
     pieces, flags, done = [], [], 0
     n = len(image_tokens)
     for j, count in enumerate(image_tokens):

@@ -1,0 +1,172 @@
+"""Training on megatron-core alone with PipeWeaver: what scripts/pretrain_lmm.py runs.
+
+Per process: distributed init (NCCL when CUDA is present, gloo otherwise), megatron-core
+parallel_state (TP, PP, DP), the rank's LMM chunks for its stages of the run's layout,
+an optimizer, and a loop. Each iteration the first rank of the model-parallel group
+takes the plan of the next global batch (from the planner service, or the fallback
+schedule) and broadcasts it to the group; every rank runs forward_backward_pipeweaver
+on synthetic data whose metadata follows the workload, reduces gradients over data
+parallelism, divides them by the batch's loss tokens, and steps. Logs: a line per
+iteration, and JSON lines with --pipeweaver-log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import load_model
+from ..workload import TokenRules, sample_workload
+from .checkpoint import load_checkpoint, save_checkpoint
+from .plans import PlanFeed
+
+log = logging.getLogger("pipeweaver.train")
+
+
+@dataclass
+class Topology:
+    rank: int
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    p_rank: int
+    t_rank: int
+    d_rank: int
+    device: torch.device
+
+
+def init_distributed(tp: int, pp: int, seed: int) -> Topology:
+    """torch.distributed from torchrun's or srun's environment, then parallel_state."""
+    from megatron.core import parallel_state
+
+    from ..models import init_parallel
+
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of TP {tp} x PP {pp}")
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=10))
+    device = torch.device(torch.cuda.current_device()) if cuda else torch.get_default_device()
+    init_parallel(tp, pp, seed, device)
+    return Topology(rank, world, tp, pp, world // (tp * pp),
+                    parallel_state.get_pipeline_model_parallel_rank(),
+                    parallel_state.get_tensor_model_parallel_rank(),
+                    parallel_state.get_data_parallel_rank(), device)
+
+
+def train(args) -> list[dict]:
+    """Run args.train_iters iterations (resuming from --load); returns the log records."""
+    from megatron.core import parallel_state
+
+    from ..models import stage_chunk, teardown
+    from ..models.data import microbatch_data
+    from ..runtime import PipeWeaverSchedule, lmm_forward_step
+
+    model = load_model(args.pipeweaver_model_config)
+    rules = TokenRules.from_model(model)
+    topo = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            args.seed)
+    try:
+        batches = sample_workload(model, args.workload or model.dataset, args.train_iters,
+                                  args.seed * 1000 + topo.d_rank)
+        feed = PlanFeed(args, model, batches, topo,
+                        parallel_state.get_model_parallel_group())
+        layout = feed.layout
+        stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
+        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed).to(topo.device)
+                  for s in stages]
+        for chunk in chunks:
+            chunk.config = _RunConfig()
+        params = [p for c in chunks for p in c.parameters()]
+        optimizer = torch.optim.Adam(params, lr=args.lr)
+        start = 0
+        if args.load:
+            start = load_checkpoint(args.load, topo.rank, chunks, optimizer)
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        schedule = PipeWeaverSchedule(feed.next_plan, model, rules, topo.p_rank,
+                                      dist.get_process_group_ranks(pp_group), pp_group)
+        feed.start(start)
+        records = []
+        for iteration in range(start, args.train_iters):
+            batch = batches[iteration]
+            data = iter([microbatch_data(model, mb, rules, args.seed).to(topo.device)
+                         for mb in batch.microbatches])  # the data loader's work, not timed
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data,
+                               model=chunks, num_microbatches=len(batch.microbatches))
+            loss, tokens = _loss(reports, pp_group, topo.device)
+            _reduce_gradients(params, tokens, parallel_state.get_data_parallel_group())
+            optimizer.step()
+            elapsed = time.perf_counter() - began
+            record = feed.record(iteration, loss, tokens, elapsed)
+            records.append(record)
+            if topo.rank == 0:
+                _report(args, record)
+            if args.save and (iteration + 1 == args.train_iters or
+                              (args.save_interval and (iteration + 1) % args.save_interval == 0)):
+                save_checkpoint(args.save, topo.rank, iteration + 1, chunks, optimizer)
+        feed.close()
+        return records
+    finally:
+        teardown()
+
+
+class _RunConfig:
+    """The fields of Megatron's config forward_backward_pipeweaver reads (CPU path)."""
+
+    calculate_per_token_loss = True
+    grad_scale_func = no_sync_func = grad_sync_func = param_sync_func = None
+    finalize_model_grads_func = None
+
+
+def _loss(reports: list, group, device) -> tuple[float, float]:
+    """The batch's loss sum and loss tokens, summed over the pipeline group."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for report in reports:
+        total += report["loss"].to(total)
+    dist.all_reduce(total, group=group)
+    loss_sum, tokens = total.tolist()
+    return loss_sum / max(tokens, 1.0), tokens
+
+
+def _reduce_gradients(params, tokens: float, dp_group) -> None:
+    """Per-token gradients: sum over data parallelism, divide by all loss tokens."""
+    world = dist.get_world_size(dp_group)
+    count = torch.tensor([tokens], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(count, group=dp_group)
+    for p in params:
+        if p.grad is None:
+            continue
+        if world > 1:
+            dist.all_reduce(p.grad, group=dp_group)
+        p.grad.div_(float(count.item()))
+
+
+def _report(args, record: dict) -> None:
+    line = (f"iteration {record['iteration'] + 1:>5}/{args.train_iters} | loss {record['loss']:.4f} "
+            f"| {record['iteration_time_s'] * 1e3:8.1f} ms | {record['tokens_per_s']:9.0f} tokens/s "
+            f"| predicted {record['predicted_time_s'] * 1e3:8.1f} ms | bubble "
+            f"{record['bubble_ratio']:5.1%} | plan {record['plan_latency_ms']:7.1f} ms "
+            f"| {record['source']}{' fallbacks ' + str(record['fallbacks']) if record['fallbacks'] else ''}")
+    print(line, flush=True)
+    if args.pipeweaver_log:
+        with open(args.pipeweaver_log, "a") as f:
+            f.write(json.dumps(record) + "\n")

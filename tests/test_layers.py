@@ -11,7 +11,7 @@ from pathlib import Path
 import pipeweaver_megatron
 
 PACKAGE = Path(pipeweaver_megatron.__file__).parent
-PLANNING = ["config", "workload", "ir", "schedules", "semu", "planner", "cli.main", "accelerators",
+PLANNING = ["config", "workload", "ir", "schedules", "semu", "planner", "service", "cli.main", "accelerators",
             "profiler.args"]
 
 

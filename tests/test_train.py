@@ -52,3 +52,19 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     resumed = train(tmp_path, "resumed", 2, *flags, "--load", str(ckpt), port=29706)
     assert [r["iteration"] for r in resumed] == [2, 3]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole[2:]], rel=1e-5)
+
+
+def test_planner_faults_fall_back_and_training_goes_on(tmp_path):
+    flags = ("--pipeline-model-parallel-size", "2", "--train-iters", "5", "--lr", "3e-3")
+    clean = train(tmp_path, "clean", 2, *flags, port=29707)
+    faulty = train(tmp_path, "faulty", 2, *flags, "--pipeweaver-plan-timeout-ms", "3000",
+                   "--pipeweaver-inject-fault", "planner-crash@1",
+                   "--pipeweaver-inject-fault", "planner-hang@2",
+                   "--pipeweaver-inject-fault", "bad-plan@3", port=29708)
+    assert [r["fallback"] for r in faulty] == [False, True, True, True, False]
+    reasons = [r["fallback_reason"] for r in faulty]
+    assert reasons[1] == "planner died" and reasons[2] in ("hung", "late")  # late if the
+    assert reasons[3].startswith("invalid plan")  # wait for the hung worker ran out first
+    assert faulty[-1]["fallbacks"] == 3 and not any(r["fallback"] for r in clean)
+    # the same batches and the same math, in another order: the same losses
+    assert [r["loss"] for r in faulty] == pytest.approx([r["loss"] for r in clean], rel=1e-4)

@@ -4,17 +4,15 @@ every TP and PP rank runs the same plan (the runtime checks the hash again)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from ..config import get_hardware
-from ..planner import partition
-from ..planner.iteration import IterationPlan, plan_iteration
-from ..planner.systems import PIPEWEAVER
-from ..schedules import build_baseline, megatron_layout
+from ..planner import split_batch
+from ..planner.iteration import IterationPlan
 from ..semu import CostModel, batch_shapes, load_calibration, simulate
+from ..service import PlannerService, PrefetchingIterator, ServiceSettings
 from ..workload import TokenRules
 
 
@@ -29,7 +27,11 @@ class _Info:
 
 
 class PlanFeed:
-    """One plan per iteration for this rank's model-parallel group."""
+    """One plan per iteration for this rank's model-parallel group.
+
+    The group's first rank runs the planner service (side processes planning
+    --pipeweaver-lookahead batches ahead, falling back when a plan is late or invalid)
+    and broadcasts the run's layout once and each iteration's plan to the group."""
 
     def __init__(self, args, model, batches, topo, group) -> None:
         self.args, self.model, self.batches, self.topo, self.group = args, model, batches, topo, group
@@ -40,70 +42,55 @@ class PlanFeed:
         self.costs = CostModel(model, hardware, calibration, tp=topo.tp)
         self.rules = TokenRules.from_model(model)
         self.schedule = args.pipeweaver_schedule
-        if self.schedule == PIPEWEAVER:
-            self.chunks = partition(self.costs, num_ranks=topo.pp, reference=batches[0])
-            self.layout = self.chunks.layout
-        else:
-            self.chunks = None
-            vp = model.parallel.vp if self.schedule == "megatron-interleaved" else 1
-            self.layout = megatron_layout(model, topo.pp, vp)
-        self.first = dist.get_rank() == dist.get_process_group_ranks(group)[0]
-        self.service = None
+        self.root = dist.get_process_group_ranks(group)[0]
+        self.first = dist.get_rank() == self.root
+        self.service = self.prefetch = None
+        if self.first:
+            self.service = PlannerService(ServiceSettings(
+                model=args.pipeweaver_model_config,
+                hardware=hardware.name, calibration=args.pipeweaver_calibration, pp=topo.pp,
+                tp=topo.tp, schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
+                workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
+                fallback=args.pipeweaver_fallback, reference=batches[0], seed=args.seed,
+                faults={i: kind for kind, i in args.pipeweaver_inject_fault})).start()
+        payload = [(self.service.layout, self.service.chunks) if self.first else None]
+        dist.broadcast_object_list(payload, src=self.root, group=group)
+        self.layout, self.chunks = payload[0]
         self.iteration = 0
         self.fallbacks = 0
         self.info: _Info | None = None
 
     def start(self, iteration: int) -> None:
-        """Start planning at `iteration` (after a resume, the batches before it are done)."""
+        """Plan from `iteration` on (after a resume, the batches before it are done)."""
         self.iteration = iteration
         if self.first:
-            self.service = _make_service(self, iteration)
+            self.prefetch = iter(PrefetchingIterator(self.batches[iteration:], self.service,
+                                                     self.args.pipeweaver_lookahead, start=iteration))
 
     def next_plan(self) -> IterationPlan:
         """The plan of the current iteration, identical on every rank of the group."""
-        payload = [None]
-        if self.first:
-            payload = [self._take(self.iteration)]
-        dist.broadcast_object_list(payload, src=dist.get_process_group_ranks(self.group)[0],
-                                   group=self.group)
+        payload = [self._take(self.iteration) if self.first else None]
+        dist.broadcast_object_list(payload, src=self.root, group=self.group)
         plan, self.info = payload[0]
         self.fallbacks += self.info.source == "fallback"
         self.iteration += 1
         return plan
 
     def _take(self, iteration: int) -> tuple[IterationPlan, _Info]:
-        if self.service is not None:
-            outcome = self.service.get(iteration)
-            plan, source, reason = outcome.plan, outcome.source, outcome.reason
-            latency, waited = outcome.latency_ms, outcome.waited_ms
-        else:
-            began = time.perf_counter()
-            plan, source, reason = self.plan_now(iteration), "planner", None
-            latency = waited = (time.perf_counter() - began) * 1000
-        predicted = self.predict(plan)
-        return plan, _Info(source, reason, latency, waited, predicted.iteration_time_s,
-                           predicted.bubble_ratio)
-
-    def plan_now(self, iteration: int) -> IterationPlan:
-        """Plan in this process (no service): the static schedules, or a search."""
-        batch = self.batches[iteration]
-        if self.schedule != PIPEWEAVER:
-            table = build_baseline(self.model, self.schedule, len(batch.microbatches),
-                                   pp=self.topo.pp, vp=None if self.schedule != "megatron-1f1b" else 1)
-            return plan_iteration(self.model, table, batch, self.rules, tp=self.topo.tp)
-        from ..planner import PipeWeaverPlanner
-
-        result = PipeWeaverPlanner(self.costs, self.chunks).plan(
-            batch, self.args.pipeweaver_search_budget_ms, self.args.seed + iteration)
-        return plan_iteration(self.model, result.table, batch, self.rules, tp=self.topo.tp,
-                              members=result.sub_microbatches.members, timeline=result.simulation)
+        index, _ = next(self.prefetch)
+        if index != iteration:
+            raise RuntimeError(f"plan feed out of step: training is at {iteration}, the "
+                               f"prefetcher at {index}")
+        outcome = self.service.get(iteration)
+        predicted = self.predict(outcome.plan)
+        return outcome.plan, _Info(outcome.source, outcome.reason, outcome.latency_ms,
+                                   outcome.waited_ms, predicted.iteration_time_s,
+                                   predicted.bubble_ratio)
 
     def predict(self, plan: IterationPlan):
         """SEMU's prediction of a plan (the same costs the search used)."""
         shapes = batch_shapes(self.model, plan.batch, self.rules)
         if plan.members:
-            from ..planner import split_batch
-
             sizes = self.chunks.sub_size if self.chunks is not None else {}
             shapes = split_batch(self.model, plan.batch, self.rules, sizes).shapes
         return simulate(self.costs, plan.table, shapes, detail=False)
@@ -120,12 +107,3 @@ class PlanFeed:
     def close(self) -> None:
         if self.service is not None:
             self.service.close()
-
-
-def _make_service(feed: PlanFeed, start: int):
-    """The planner service (side process), or None to plan in this process."""
-    try:
-        from ..service import PlannerService, ServiceSettings  # noqa: F401
-    except ImportError:
-        return None
-    return None

@@ -1,0 +1,149 @@
+"""PlannerService: plans upcoming global batches in side processes, ahead of training.
+
+The training side calls `submit(i, batch)` (never blocks: it records the batch and wakes
+the collector, pool.py) some iterations ahead, and later `get(i)`, which waits at most
+timeout_ms for the worker's plan and otherwise serves the fallback plan (Megatron's
+schedule on Megatron's placement) for that batch. A plan is served only after the
+parent checked it (wire.read_plan); a crashed or hung worker is restarted and the
+iteration it held falls back; the plan of iteration i always uses seed + i.
+
+[Note: spawn and __main__] spawn re-imports the parent's __main__ module in each worker
+(as __mp_main__): a training script must guard its entry point (Megatron's do), and its
+top-level imports add to the workers' start-up time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import load_model
+from ..planner.partition import partition
+from ..planner.systems import PIPEWEAVER
+from ..workload import GlobalBatch, TokenRules
+from .fallback import static_plan, baseline_layout, fallback_plan
+from .pool import Board, Entry, WorkerPool
+from .settings import Outcome, ServiceError, ServiceSettings, ServiceStats
+from .worker import make_costs
+
+log = logging.getLogger("pipeweaver.service")
+
+
+class PlannerService:
+    """One per pipeline-parallel group. Use as a context manager, or start() / close()."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.model = load_model(settings.model)
+        self.rules = TokenRules.from_model(self.model)
+        self.pp = settings.pp or self.model.parallel.pp
+        self.tp = settings.tp or self.model.parallel.tp
+        self.chunks = None
+        """The run's ChunkPlan (pipeweaver), cut once in start()."""
+        self.layout = None
+        self._board = Board()
+        self._pool: WorkerPool | None = None
+        self._state = "new"
+
+    def start(self) -> "PlannerService":
+        """Cut the run's chunks (here, once), spawn the workers and wait until they are
+        ready; raises ServiceError when they cannot plan."""
+        if self._state != "new":
+            raise ServiceError(f"start() on a {self._state} service")
+        s = self.settings
+        if s.schedule == PIPEWEAVER:
+            self.costs = make_costs(s, self.model)
+            self.chunks = partition(self.costs, num_ranks=self.pp,
+                                    reference=s.reference)
+            self.layout = self.chunks.layout
+        else:
+            self.layout = baseline_layout(self.model, s.schedule, self.pp)
+        self._state = "running"
+        self._pool = WorkerPool(s, self.chunks, self.layout, self.tp, self._board)
+        deadline = time.monotonic() + s.startup_timeout_s
+        board = self._board
+        with board.cond:
+            while not self._pool.all_ready() and board.broken is None:
+                if not board.cond.wait(max(0.0, deadline - time.monotonic())):
+                    board.broken = f"not ready after {s.startup_timeout_s:g} s"
+            error = board.broken
+        if error is not None:
+            self.close()
+            raise ServiceError(f"planner workers failed to start: {error}")
+        return self
+
+    def submit(self, iteration: int, batch: GlobalBatch) -> None:
+        """Queue a batch for planning (non-blocking)."""
+        board = self._board
+        with board.cond:
+            if self._state != "running":
+                raise ServiceError(f"submit() on a {self._state} service")
+            if iteration in board.entries:
+                raise ValueError(f"iteration {iteration} was already submitted")
+            entry = board.entries[iteration] = Entry(iteration, batch, time.perf_counter())
+            if board.broken is not None:
+                entry.failure = "planner died"
+            else:
+                board.pending.append(iteration)
+        self._pool.wake()
+
+    def get(self, iteration: int) -> Outcome:
+        """The plan of a submitted iteration: the planner's if it is (or becomes, within
+        timeout_ms) ready and valid, else the fallback plan for its batch (logged)."""
+        started = time.perf_counter()
+        deadline = started + self.settings.timeout_ms / 1000
+        board = self._board
+        with board.cond:
+            entry = board.entries.get(iteration)
+            if entry is None:
+                raise KeyError(f"iteration {iteration} was not submitted, or was already taken")
+            while not entry.done:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                board.cond.wait(left)
+            waited = (time.perf_counter() - started) * 1000
+            del board.entries[iteration]
+            if iteration in board.pending:
+                board.pending.remove(iteration)
+            plan = entry.plan
+            reason = None if plan is not None else entry.failure or "late"
+            if plan is not None:
+                board.planned += 1
+            else:
+                board.fallbacks[reason.split(":")[0]] += 1
+        if plan is not None:
+            return Outcome(iteration=iteration, plan=plan, source="planner",
+                           latency_ms=(entry.ready - entry.submitted) * 1000, waited_ms=waited)
+        s = self.settings
+        if self.chunks is not None:  # the run's chunks follow its own layout
+            plan, name = static_plan(self.costs, self.chunks, entry.batch, self.rules, self.tp,
+                                     s.dtype), "static-order"
+        else:
+            plan, name = fallback_plan(self.model, entry.batch, self.rules, s.fallback, self.pp,
+                                       self.tp, s.dtype), s.fallback
+        log.warning("iteration %d: %s fallback (%s)", iteration, name,
+                    f"late: no plan after {s.timeout_ms:g} ms" if reason == "late" else reason)
+        return Outcome(iteration=iteration, plan=plan, source="fallback", reason=reason,
+                       latency_ms=(time.perf_counter() - entry.submitted) * 1000, waited_ms=waited)
+
+    def stats(self) -> ServiceStats:
+        board = self._board
+        with board.cond:
+            return ServiceStats(planned=board.planned, fallbacks=dict(board.fallbacks),
+                                restarts=board.restarts, discarded=board.discarded)
+
+    def close(self) -> None:
+        """Stop the collector and the workers (idempotent)."""
+        with self._board.cond:
+            if self._state == "closed":
+                return
+            self._state = "closed"
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> "PlannerService":
+        return self.start() if self._state == "new" else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,126 @@
+"""Typed settings and results of the planner service (pure Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+from ..planner.iteration import IterationPlan
+from ..planner.systems import PIPEWEAVER, RUNNABLE
+from ..workload import GlobalBatch
+from .fallback import FALLBACKS
+
+FAULTS = ("planner-crash", "planner-hang", "bad-plan", "bad-samples")
+"""Injected by tests at one iteration: the worker exits (os._exit(1)) while planning it,
+sleeps forever, returns a table with two actions of rank 0 swapped (the execution plan
+no longer matches it), or returns a plan whose batch lost a sample."""
+
+UNLIMITED_MS = 3_600_000.0
+"""Wall-clock budget handed to the search when max_evaluations bounds it instead."""
+
+
+class ServiceError(RuntimeError):
+    """The service cannot run as configured (a worker failed to start, used after close)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """One planner service per pipeline-parallel group."""
+
+    model: str
+    """Model name (model_configs/) or path of a YAML file."""
+    hardware: str | None = None
+    """Hardware profile name; None: the model's."""
+    calibration: str | None = None
+    """Calibration file written by `pipeweaver profile` (semu.load_calibration)."""
+    pp: int | None = None
+    """Pipeline ranks; None: the model's."""
+    tp: int | None = None
+    """Tensor-parallel size (message shapes); None: the model's."""
+    dtype: str = "float32"
+    """Activation dtype name of the messages."""
+    schedule: str = PIPEWEAVER
+    """"pipeweaver" searches a plan per batch; megatron-1f1b / megatron-interleaved build
+    the baseline plans in the workers, so comparisons run through the same path."""
+    budget_ms: float = 500.0
+    """Search budget per batch (wall clock)."""
+    max_evaluations: int | None = None
+    """Bound the search by candidate evaluations instead of the budget (reproducible
+    across machines: a seed and a count always give the same plan)."""
+    workers: int = 1
+    """Planner processes (spawned)."""
+    timeout_ms: float = 1000.0
+    """How long `get` waits for a worker's plan before falling back."""
+    hang_ms: float | None = None
+    """A worker busy on one batch longer than this is killed and restarted; None:
+    3 * budget_ms + timeout_ms (set it when max_evaluations bounds the search)."""
+    fallback: str = "megatron-1f1b"
+    """Schedule of the fallback plans: megatron-1f1b or megatron-interleaved."""
+    reference: GlobalBatch | None = None
+    """A sample of the run's data for the chunk partitioner (None: largest shapes)."""
+    seed: int = 0
+    """The plan of iteration i uses seed + i."""
+    max_restarts: int = 8
+    """Worker restarts allowed over the service's life; beyond, every batch falls back."""
+    startup_timeout_s: float = 120.0
+    """How long `start` waits for the workers to be ready."""
+    faults: Mapping[int, str] = field(default_factory=dict)
+    """Fault injection for tests: {iteration: one of FAULTS}."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in RUNNABLE:
+            raise ValueError(f"schedule {self.schedule!r}: the runtime runs {', '.join(RUNNABLE)}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback {self.fallback!r}: one of {', '.join(FALLBACKS)}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.budget_ms <= 0 or self.timeout_ms < 0:
+            raise ValueError(f"budget_ms must be > 0 and timeout_ms >= 0, got "
+                             f"{self.budget_ms} and {self.timeout_ms}")
+        if self.max_evaluations is not None and self.max_evaluations < 1:
+            raise ValueError(f"max_evaluations must be >= 1, got {self.max_evaluations}")
+        for name in ("pp", "tp"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bad = {i: f for i, f in self.faults.items() if f not in FAULTS}
+        if bad:
+            raise ValueError(f"unknown faults {bad}; known: {', '.join(FAULTS)}")
+
+    @property
+    def hang_limit_ms(self) -> float:
+        return self.hang_ms if self.hang_ms is not None else 3 * self.budget_ms + self.timeout_ms
+
+
+Source = Literal["planner", "fallback"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What `get` hands the training step for one iteration."""
+
+    iteration: int
+    plan: IterationPlan
+    source: Source
+    reason: str | None = None
+    """Why the fallback: "late", "planner died", "hung", "invalid plan: ...",
+    "planner error: ..." (None for a planner plan)."""
+    latency_ms: float
+    """From submit to the plan being ready (for a fallback: to its being built)."""
+    waited_ms: float
+    """How long `get` blocked waiting for the worker (at most timeout_ms)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceStats:
+    planned: int
+    """Iterations served with the planner's plan."""
+    fallbacks: dict[str, int]
+    """Fallbacks per reason (the part before the first colon)."""
+    restarts: int
+    """Workers restarted after a crash or a hang."""
+    discarded: int
+    """Plans that arrived after their iteration had been served."""
+
+    def to_dict(self) -> dict:
+        return {"planned": self.planned, "fallbacks": dict(self.fallbacks),
+                "restarts": self.restarts, "discarded": self.discarded}

@@ -88,10 +88,16 @@ def test_broken_yaml_error_names_file_and_key(write_spec):
     assert f"{path}: parallel.tp: tp=3 does not divide" in result.stderr
 
 
-def test_demo_prints_setup_workload_and_schedule():
-    out = run("demo", "--iterations", "2").stdout
-    assert "VLM-S" in out and "OBELICS-like workload" in out
-    assert "Megatron interleaved 1F1B" in out and "stage   0  rank   0  vision[0:63]" in out
+def test_demo_trains_both_schedules_and_compares():
+    out = subprocess.run([str(SCRIPT), "demo", "--iterations", "3", "--port", "29660"],
+                         capture_output=True, text=True, timeout=600).stdout
+    for schedule in ("pipeweaver", "megatron-1f1b"):
+        assert f"--pipeweaver-schedule {schedule}" in out
+        row = next(line for line in out.splitlines() if line.startswith(schedule + " "))
+        measured, predicted = map(float, row.split()[1:3])
+        assert measured > 0 and predicted > 0
+    assert out.count("iteration     3/3 | loss") == 2
+    assert "measured speedup of PipeWeaver over Megatron 1F1B" in out
 
 
 def test_simulate_json_trace_and_plot(tmp_path):

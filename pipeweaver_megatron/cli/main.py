@@ -7,16 +7,16 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from ..config import ConfigError, get_hardware, list_models, load_model, model_to_dict
+from ..config import ConfigError, list_models, load_model, model_to_dict
 from ..profiler.args import ProfileError, add_parser as add_profile_parser
 from ..ir import LayoutError, ScheduleFormatError, ScheduleValidationError, render_grid
 from ..schedules import Baseline, ScheduleError, build_baseline
-from ..semu import (CalibrationError, CostModel, StuckSchedule, simulate_workload, write_plot,
-                    write_trace)
+from ..semu import CalibrationError, StuckSchedule, simulate_workload, write_plot, write_trace
 from ..workload import WorkloadError, TokenRules, record_trace, sample_workload, summarize
 from ..planner import PlannerError, SYSTEMS, make_system
 from .format import format_model, format_simulation
 from .plan import add_cost_arguments, add_parser as add_plan_parser, cost_model
+from .demo import add_parser as add_demo_parser
 from .verify import add_parser as add_verify_parser
 
 USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
@@ -86,37 +86,6 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print(format_simulation(model, args.schedule, hardware.name, run))
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    model = load_model(args.model)
-    print("=" * 78)
-    print(format_model(model))
-    print("=" * 78)
-    batches = sample_workload(model, "obelics", args.iterations, args.seed)
-    print(f"OBELICS-like workload, {args.iterations} iterations (seed {args.seed})")
-    print(summarize(batches, TokenRules.from_model(model)).format())
-    print("=" * 78)
-    table = build_baseline(model, Baseline.MEGATRON_INTERLEAVED)
-    print(f"Megatron interleaved 1F1B (vp={model.parallel.vp}) on Megatron's static placement: "
-          f"{table.num_microbatches} microbatches, hash {table.content_hash[:16]}")
-    print(table.layout.describe())
-    print()
-    print(render_grid(table))
-    print("=" * 78)
-    costs = CostModel(model, get_hardware(model.hardware))
-    shown = batches[:3]
-    print(f"SEMU on {costs.hardware.name}, the first {len(shown)} batches (simulated, not measured):")
-    times = {}
-    for name in ("megatron-interleaved", "megatron-vpp", "pipeweaver"):
-        run = simulate_workload(costs, shown, make_system(name, costs, shown[0], 300.0, args.seed),
-                                detail_first=False)
-        times[name] = run.mean_iteration_time_s
-        print(f"  {name:22} {run.mean_iteration_time_s:7.3f} s per iteration, "
-              f"peak {max(run.peak_memory_gib):5.1f} GiB")
-    print(f"  PipeWeaver: {times['megatron-vpp'] / times['pipeweaver'] - 1:+.1%} throughput over "
-          f"megatron-vpp, {times['megatron-interleaved'] / times['pipeweaver'] - 1:+.1%} over "
-          "Megatron's own placement")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeweaver", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,11 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_verify_parser(sub)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default")
-    demo.add_argument("--model", default="VLM-S")
-    demo.add_argument("--iterations", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
+    add_demo_parser(sub)
     return parser
 
 

@@ -1,0 +1,50 @@
+"""The training entry point behind scripts/pretrain_lmm.py: PipeWeaver on megatron-core
+alone (no Megatron-LM needed).
+
+    torchrun --nproc-per-node 2 scripts/pretrain_lmm.py --pipeweaver \
+        --pipeweaver-model-config tiny-vlm --pipeline-model-parallel-size 2 --train-iters 5
+
+or under srun (SLURM_PROCID / SLURM_NTASKS). NCCL on CUDA, gloo otherwise. Megatron-style
+flags below; the --pipeweaver flags come from pipeweaver_megatron.add_arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pipeweaver_megatron
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--train-iters", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--workload", help="dataset generator or JSONL trace of a real dataset's "
+                                           "metadata (default: the model's)")
+    parser.add_argument("--save", help="checkpoint directory")
+    parser.add_argument("--save-interval", type=int, default=0)
+    parser.add_argument("--load", help="resume from this checkpoint directory")
+    pipeweaver_megatron.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.pipeweaver:
+        parser.error("this entry point runs LMM chunks through forward_backward_pipeweaver: pass "
+                     "--pipeweaver (with --pipeweaver-schedule megatron-1f1b for Megatron's "
+                     "static order through the same runtime)")
+    if not args.pipeweaver_model_config:
+        parser.error("--pipeweaver-model-config is required")
+    return args
+
+
+def main(argv=None) -> int:
+    from pipeweaver_megatron.megatron.trainer import train
+
+    train(parse(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,6 +84,7 @@ def add_parser(sub) -> None:
     demo.add_argument("--model", default="tiny-vlm")
     demo.add_argument("--iterations", type=int, default=8)
     demo.add_argument("--seed", type=int, default=1234)
-    demo.add_argument("--budget-ms", type=float, default=300.0)
+    demo.add_argument("--budget-ms", type=float, default=100.0,
+                      help="search budget per plan (small: the 2 cores also train)")
     demo.add_argument("--port", type=int, default=29650)
     demo.set_defaults(func=cmd_demo)

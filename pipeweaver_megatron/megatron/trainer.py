@@ -116,6 +116,7 @@ def train(args) -> list[dict]:
             optimizer.step()
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
+            record.update(_measured(schedule.last_timeline, began))
             records.append(record)
             if topo.rank == 0:
                 _report(args, record)
@@ -158,6 +159,14 @@ def _reduce_gradients(params, tokens: float, dp_group) -> None:
         if world > 1:
             dist.all_reduce(p.grad, group=dp_group)
         p.grad.div_(float(count.item()))
+
+
+def _measured(timeline: list, began: float) -> dict:
+    """This rank's compute, P2P-wait and step times of the iteration (seconds)."""
+    compute = sum(end - start for _, op, start, end in timeline if op.startswith("C"))
+    waits = sum(end - start for _, op, start, end in timeline if op.startswith("Wait"))
+    run = timeline[-1][3] - began if timeline else 0.0
+    return {"rank_compute_s": compute, "rank_wait_s": waits, "rank_pipeline_s": run}
 
 
 def _report(args, record: dict) -> None:

@@ -15,6 +15,7 @@ plan or a silent peer ends with a clear error instead of a hang (waits time out)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -75,6 +76,8 @@ class RankExecutor:
     readers: dict[tuple, int] = field(default_factory=dict)
     """Received activation -> forwards on this rank still to read it."""
 
+    timeline: list[tuple[int, str, float, float]] = field(default_factory=list)
+    """Measured (op index, op, start, end) of every op, perf_counter seconds."""
     freed: int = 0
     """Output tensors whose storage was freed after sending."""
     sends_left: dict[Action, int] = field(default_factory=dict)
@@ -98,7 +101,9 @@ class RankExecutor:
             try:
                 if self.on_op is not None:
                     self.on_op(index, op)
+                began = time.perf_counter()
                 self._run(op)
+                self.timeline.append((index, str(op), began, time.perf_counter()))
             except ExecutionError:
                 raise
             except Exception as exc:

@@ -50,6 +50,8 @@ class PipeWeaverSchedule:
         self.rank, self.global_ranks, self.group = pipeline_rank, list(global_ranks), group
         self.timeout_s = timeout_s
         self.last_plan: IterationPlan | None = None
+        self.last_timeline: list = []
+        """The last call's measured ops (see RankExecutor.timeline)."""
         self.freed_outputs = 0
         """Output tensors freed after sending, over all calls."""
 
@@ -79,6 +81,7 @@ class PipeWeaverSchedule:
             else:
                 executor.run()
         self.freed_outputs += executor.freed
+        self.last_timeline = executor.timeline
         if config is not None and config.finalize_model_grads_func is not None and not forward_only:
             # On the chunks' device, as Megatron's total_num_tokens (finalize reduces it).
             tokens = torch.tensor(steps.total_tokens, dtype=torch.int, device=device) \

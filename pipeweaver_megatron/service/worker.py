@@ -68,6 +68,8 @@ class BatchPlanner:
 
 def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | None) -> None:
     """Entry point of a spawned worker (tasks, results: multiprocessing connections)."""
+    if settings.niceness and hasattr(os, "nice"):
+        os.nice(settings.niceness)  # spare CPU only: training ranks keep their cores
     try:
         planner = BatchPlanner(settings, chunks)
     except Exception:  # noqa: BLE001 - reported to the parent, which refuses to start

@@ -18,7 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-CALIBRATION = Path(__file__).resolve().parents[2] / "docs" / "results" / "calibration_cpu.json"
+CALIBRATION = Path(__file__).resolve().parents[2] / "docs" / "results" / "calibration_cpu_1thread.json"
+"""SEMU fitted on this machine with one thread, as each torchrun rank runs: made by
+`OMP_NUM_THREADS=1 pipeweaver profile --device cpu --out docs/results/calibration_cpu_1thread.json`."""
 
 
 def run_training(schedule: str, args: argparse.Namespace, log: Path) -> list[dict]:

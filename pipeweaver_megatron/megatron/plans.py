@@ -4,6 +4,7 @@ every TP and PP rank runs the same plan (the runtime checks the hash again)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from ..config import get_hardware
 from ..planner import split_batch
 from ..planner.iteration import IterationPlan
-from ..semu import CostModel, batch_shapes, load_calibration, simulate
+from ..semu import CostModel, batch_shapes, load_calibration, simulate, write_trace
 from ..service import PlannerService, PrefetchingIterator, ServiceSettings
 from ..workload import TokenRules
 
@@ -82,18 +83,24 @@ class PlanFeed:
             raise RuntimeError(f"plan feed out of step: training is at {iteration}, the "
                                f"prefetcher at {index}")
         outcome = self.service.get(iteration)
-        predicted = self.predict(outcome.plan)
+        trace_dir = self.args.pipeweaver_trace_dir
+        predicted = self.predict(outcome.plan, detail=bool(trace_dir))
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+            write_trace(predicted, outcome.plan.table.layout,
+                        os.path.join(trace_dir, f"predicted_{iteration:06d}.json"),
+                        f"{self.model.name} {self.schedule} iteration {iteration} (SEMU)")
         return outcome.plan, _Info(outcome.source, outcome.reason, outcome.latency_ms,
                                    outcome.waited_ms, predicted.iteration_time_s,
                                    predicted.bubble_ratio)
 
-    def predict(self, plan: IterationPlan):
+    def predict(self, plan: IterationPlan, detail: bool = False):
         """SEMU's prediction of a plan (the same costs the search used)."""
         shapes = batch_shapes(self.model, plan.batch, self.rules)
         if plan.members:
             sizes = self.chunks.sub_size if self.chunks is not None else {}
             shapes = split_batch(self.model, plan.batch, self.rules, sizes).shapes
-        return simulate(self.costs, plan.table, shapes, detail=False)
+        return simulate(self.costs, plan.table, shapes, detail=detail)
 
     def record(self, iteration: int, loss: float, tokens: float, elapsed: float) -> dict:
         info = self.info

@@ -117,6 +117,9 @@ def train(args) -> list[dict]:
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
             record.update(_measured(schedule.last_timeline, began))
+            if args.pipeweaver_trace_dir:
+                _write_measured(args.pipeweaver_trace_dir, iteration, topo.rank,
+                                schedule.last_timeline, began)
             records.append(record)
             if topo.rank == 0:
                 _report(args, record)
@@ -167,6 +170,16 @@ def _measured(timeline: list, began: float) -> dict:
     waits = sum(end - start for _, op, start, end in timeline if op.startswith("Wait"))
     run = timeline[-1][3] - began if timeline else 0.0
     return {"rank_compute_s": compute, "rank_wait_s": waits, "rank_pipeline_s": run}
+
+
+def _write_measured(directory: str, iteration: int, rank: int, timeline: list,
+                    began: float) -> None:
+    """This rank's measured ops of one iteration, beside SEMU's predicted trace."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"measured_{iteration:06d}_rank{rank:04d}.json")
+    with open(path, "w") as f:
+        json.dump([{"op": op, "start_s": start - began, "end_s": end - began}
+                   for _, op, start, end in timeline], f)
 
 
 def _report(args, record: dict) -> None:

@@ -118,8 +118,14 @@ class Calibration:
     masked blocks (flash attention), ~1 for kernels that compute then mask."""
     layer_factors: dict[str, LayerFactors] = field(default_factory=dict)
     """Per module kind (vision_encoder, language_model, generator)."""
+    action_overhead_s: tuple[float, float] = (0.0, 0.0)
+    """Fixed seconds the runtime adds to every stage forward and backward (executor,
+    chunk entry, autograd engine), fitted from measured training runs by
+    `pipeweaver calibrate` (semu/runtime_fit.py); 0 until then."""
 
     def __post_init__(self) -> None:
+        if min(self.action_overhead_s) < 0:
+            raise ValueError(f"action_overhead_s must be >= 0, got {self.action_overhead_s}")
         if not 0 < self.causal_fraction <= 1:
             raise ValueError(f"causal_fraction must be in (0, 1], got {self.causal_fraction}")
         if self.peak_flops < 0 or self.memory_bandwidth < 0:
@@ -149,6 +155,7 @@ class Calibration:
                 "layer_factors": {k: {"forward": _phase_json(f.forward),
                                       "backward": _phase_json(f.backward)}
                                   for k, f in self.layer_factors.items()},
+                "action_overhead_s": list(self.action_overhead_s),
                 "measurements": self.measurements}
 
     def save(self, path: str | Path) -> None:
@@ -192,9 +199,15 @@ def load_calibration(path: str | Path) -> Calibration:
                            peak_flops=float(data.get("peak_flops", 0.0)),
                            memory_bandwidth=float(data.get("memory_bandwidth", 0.0)),
                            causal_fraction=float(data.get("causal_fraction", 0.5)),
-                           layer_factors=layers)
+                           layer_factors=layers,
+                           action_overhead_s=_pair(data.get("action_overhead_s", (0.0, 0.0))))
     except (ValueError, TypeError) as exc:
         raise CalibrationError(f"{path}: {exc}") from None
+
+
+def _pair(value) -> tuple[float, float]:
+    forward, backward = value  # a malformed value raises ValueError or TypeError
+    return float(forward), float(backward)
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,7 +180,8 @@ class CostModel:
         if last is not None:
             out = self.parallel.dtype_bytes * last.output_tokens * last.output_hidden
             out /= self.parallel.seq_shard
-        return StageCost(forward_s=times[Phase.FORWARD],
-                         backward_input_s=times[Phase.BACKWARD_INPUT],
+        forward_extra, backward_extra = self.calibration.action_overhead_s
+        return StageCost(forward_s=times[Phase.FORWARD] + forward_extra,
+                         backward_input_s=times[Phase.BACKWARD_INPUT] + backward_extra,
                          backward_weight_s=times[Phase.BACKWARD_WEIGHT], recompute_s=again,
                          saved_bytes=saved, output_bytes=out, model_flops=flops)

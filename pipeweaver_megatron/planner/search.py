@@ -135,7 +135,8 @@ class _Batch:
     gate: str
     evaluations: int = 0
     last: SimResult | None = None
-    best: tuple[float, tuple, object] = (math.inf, (), None)
+    best: tuple[float, tuple, object, object] = (math.inf, (), None, None)
+    """(score, sequence, memory plan, table) of the best candidate so far."""
     history: list = field(default_factory=list)
 
 
@@ -199,9 +200,7 @@ class PipeWeaverPlanner:
                                 window=self.settings.window, rollouts=self.settings.rollouts,
                                 alpha=self.settings.alpha, beta=self.settings.beta)
             tree.run(stop)
-        _, sequence, memory = work.best
-        table = interleave(work.problem, sequence, work.budget,
-                           fill_bubbles=self.settings.fill_bubbles).table
+        _, _, memory, table = work.best
         detailed = simulate(self.costs, table, subs.shapes, priced=memory.priced)
         lower = _lower_bound(work.problem, detailed)
         stats = SearchStats(evaluations=work.evaluations,
@@ -221,7 +220,7 @@ class PipeWeaverPlanner:
             if not any(over):
                 return
             work.budget = [b - 1.02 * o for b, o in zip(work.budget, over)]
-            work.best = (math.inf, (), None)
+            work.best = (math.inf, (), None, None)
 
     def _evaluate(self, work: _Batch, sequence: tuple[int, ...], started: float) -> float:
         """Interleave, optimise memory, simulate; the score is the iteration time,
@@ -238,7 +237,7 @@ class PipeWeaverPlanner:
             score += _INFEASIBLE
         work.evaluations += 1
         if score < work.best[0]:
-            work.best = (score, sequence, memory)
+            work.best = (score, sequence, memory, table)
             work.history.append(((time.perf_counter() - started) * 1000, work.evaluations,
                                  result.iteration_time_s))
         return score

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..config import get_hardware
 from ..planner import split_batch
 from ..planner.iteration import IterationPlan
-from ..semu import CostModel, batch_shapes, load_calibration, simulate, write_trace
+from ..semu import batch_shapes, load_calibration, simulate, write_trace
 from ..service import PlannerService, PrefetchingIterator, ServiceSettings
+from ..service.worker import make_costs
 from ..workload import TokenRules
 
 
@@ -36,24 +36,25 @@ class PlanFeed:
 
     def __init__(self, args, model, batches, topo, group) -> None:
         self.args, self.model, self.batches, self.topo, self.group = args, model, batches, topo, group
-        calibration = load_calibration(args.pipeweaver_calibration) \
-            if args.pipeweaver_calibration else None
-        hardware = get_hardware(args.pipeweaver_hardware or
-                                (calibration.hardware if calibration else model.hardware))
-        self.costs = CostModel(model, hardware, calibration, tp=topo.tp)
         self.rules = TokenRules.from_model(model)
         self.schedule = args.pipeweaver_schedule
         self.root = dist.get_process_group_ranks(group)[0]
         self.first = dist.get_rank() == self.root
-        self.service = self.prefetch = None
+        self.service = self.prefetch = self.costs = None
         if self.first:
-            self.service = PlannerService(ServiceSettings(
-                model=args.pipeweaver_model_config,
-                hardware=hardware.name, calibration=args.pipeweaver_calibration, pp=topo.pp,
-                tp=topo.tp, schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
+            calibration = load_calibration(args.pipeweaver_calibration) \
+                if args.pipeweaver_calibration else None
+            hardware = args.pipeweaver_hardware or (calibration.hardware if calibration
+                                                    else model.hardware)
+            settings = ServiceSettings(
+                model=args.pipeweaver_model_config, hardware=hardware,
+                calibration=args.pipeweaver_calibration, pp=topo.pp, tp=topo.tp,
+                schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
                 workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
                 fallback=args.pipeweaver_fallback, reference=batches[0], seed=args.seed,
-                faults={i: kind for kind, i in args.pipeweaver_inject_fault})).start()
+                faults={i: kind for kind, i in args.pipeweaver_inject_fault})
+            self.costs = make_costs(settings, model)  # to predict plans that come unpriced
+            self.service = PlannerService(settings).start()
         payload = [(self.service.layout, self.service.chunks) if self.first else None]
         dist.broadcast_object_list(payload, src=self.root, group=group)
         self.layout, self.chunks = payload[0]
@@ -84,22 +85,25 @@ class PlanFeed:
                                f"prefetcher at {index}")
         outcome = self.service.get(iteration)
         trace_dir = self.args.pipeweaver_trace_dir
-        predicted = self.predict(outcome.plan, detail=bool(trace_dir))
-        if trace_dir:
-            os.makedirs(trace_dir, exist_ok=True)
-            write_trace(predicted, outcome.plan.table.layout,
-                        os.path.join(trace_dir, f"predicted_{iteration:06d}.json"),
-                        f"{self.model.name} {self.schedule} iteration {iteration} (SEMU)")
+        if outcome.predicted is not None and not trace_dir:
+            predicted_s, bubble = outcome.predicted  # the worker simulated it already
+        else:
+            predicted = self.predict(outcome.plan, detail=bool(trace_dir))
+            predicted_s, bubble = predicted.iteration_time_s, predicted.bubble_ratio
+            if trace_dir:
+                os.makedirs(trace_dir, exist_ok=True)
+                write_trace(predicted, outcome.plan.table.layout,
+                            os.path.join(trace_dir, f"predicted_{iteration:06d}.json"),
+                            f"{self.model.name} {self.schedule} iteration {iteration} (SEMU)")
         return outcome.plan, _Info(outcome.source, outcome.reason, outcome.latency_ms,
-                                   outcome.waited_ms, predicted.iteration_time_s,
-                                   predicted.bubble_ratio)
+                                   outcome.waited_ms, predicted_s, bubble)
 
     def predict(self, plan: IterationPlan, detail: bool = False):
         """SEMU's prediction of a plan (the same costs the search used)."""
-        shapes = batch_shapes(self.model, plan.batch, self.rules)
         if plan.members:
-            sizes = self.chunks.sub_size if self.chunks is not None else {}
-            shapes = split_batch(self.model, plan.batch, self.rules, sizes).shapes
+            shapes = split_batch(self.model, plan.batch, self.rules, self.chunks.sub_size).shapes
+        else:
+            shapes = batch_shapes(self.model, plan.batch, self.rules)
         return simulate(self.costs, plan.table, shapes, detail=detail)
 
     def record(self, iteration: int, loss: float, tokens: float, elapsed: float) -> dict:

@@ -40,6 +40,8 @@ class PlannerService:
         self.tp = settings.tp or self.model.parallel.tp
         self.chunks = None
         """The run's ChunkPlan (pipeweaver), cut once in start()."""
+        self.costs = None
+        """The run's cost model (pipeweaver), for the static-order fallback."""
         self.layout = None
         self._board = Board()
         self._pool: WorkerPool | None = None
@@ -114,6 +116,7 @@ class PlannerService:
                 board.fallbacks[reason.split(":")[0]] += 1
         if plan is not None:
             return Outcome(iteration=iteration, plan=plan, source="planner",
+                           predicted=entry.predicted,
                            latency_ms=(entry.ready - entry.submitted) * 1000, waited_ms=waited)
         s = self.settings
         if self.chunks is not None:  # the run's chunks follow its own layout

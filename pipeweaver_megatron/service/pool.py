@@ -41,6 +41,8 @@ class Entry:
     plan: IterationPlan | None = None
     ready: float = 0.0
     failure: str | None = None
+    predicted: tuple[float, float] | None = None
+    """The worker's (iteration time, bubble ratio) prediction of the plan."""
 
     @property
     def done(self) -> bool:
@@ -183,6 +185,9 @@ class WorkerPool:
                 board.discarded += 1
                 return
             entry.plan, entry.failure, entry.ready = plan, failure, time.perf_counter()
+            if plan is not None and "predicted_iteration_time_s" in message:
+                entry.predicted = (float(message["predicted_iteration_time_s"]),
+                                   float(message["predicted_bubble_ratio"]))
             board.cond.notify_all()
 
     def _replace(self, worker: _Worker, reason: str) -> None:

@@ -111,6 +111,9 @@ class Outcome:
     """From submit to the plan being ready (for a fallback: to its being built)."""
     waited_ms: float
     """How long `get` blocked waiting for the worker (at most timeout_ms)."""
+    predicted: tuple[float, float] | None = None
+    """SEMU's (iteration time s, bubble ratio) of a searched plan, from the worker that
+    simulated it anyway (None for fallbacks and baseline schedules)."""
 
 
 @dataclass(frozen=True, kw_only=True)

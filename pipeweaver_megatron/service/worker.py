@@ -63,6 +63,7 @@ class BatchPlanner:
                               self.tp, result.sub_microbatches.members, result.simulation)
         return plan, {"planning_ms": (time.perf_counter() - started) * 1000,
                       "predicted_iteration_time_s": result.predicted_iteration_time_s,
+                      "predicted_bubble_ratio": result.simulation.bubble_ratio,
                       "evaluations": result.search.evaluations}
 
 

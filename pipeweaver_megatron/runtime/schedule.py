@@ -145,6 +145,10 @@ class _Steps:
         for a in actions:
             self.first_forward.setdefault(a.stage, a)
         self.chunk_ids = {stage: i for i, stage in enumerate(chunk_of)}
+        self.no_sync = list(dict.fromkeys(self._funcs("no_sync_func")))
+        self.param_sync = self._funcs("param_sync_func")
+        self.grad_sync = self._funcs("grad_sync_func")
+        self.grad_scale = getattr(config, "grad_scale_func", None)
         self._sync_off: contextlib.ExitStack | None = None
 
     @contextlib.contextmanager
@@ -156,7 +160,8 @@ class _Steps:
             self._enable_sync()
 
     def _funcs(self, name: str) -> list:
-        value = getattr(self.config, name, None) if self.config is not None else None
+        """A config hook per chunk (Megatron takes one, or a list of one per chunk)."""
+        value = getattr(self.config, name, None)
         if value is None:
             return []
         return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.chunk_of)
@@ -165,7 +170,7 @@ class _Steps:
         if self.forward_only or self._sync_off is not None:
             return
         stack = contextlib.ExitStack()
-        for func in dict.fromkeys(self._funcs("no_sync_func")):
+        for func in self.no_sync:
             stack.enter_context(func())
         self._sync_off = stack
 
@@ -176,9 +181,8 @@ class _Steps:
 
     def forward(self, action: Action, inputs: dict) -> tuple[dict, torch.Tensor | None]:
         chunk = self.chunk_of[action.stage]
-        param_sync = self._funcs("param_sync_func")
-        if param_sync and not self.forward_only and self.first_forward[action.stage] == action:
-            param_sync[self.chunk_ids[action.stage]](chunk.parameters())
+        if self.param_sync and not self.forward_only and self.first_forward[action.stage] == action:
+            self.param_sync[self.chunk_ids[action.stage]](chunk.parameters())
         layout = self.plan.table.layout
         module = layout.stages[action.stage].parts[0].module
         members = self.plan.sub_members(module, action.microbatch, action.sub)
@@ -207,9 +211,9 @@ class _Steps:
 
     def backward(self, action: Action, tensors: list, grads: list) -> None:
         last = self.last_backward[action.stage] == action
-        scale = getattr(self.config, "grad_scale_func", None) if self.config is not None else None
+        scale = self.grad_scale
         tensors = [scale(t) if g is None and scale is not None else t for t, g in zip(tensors, grads)]
-        if last and not self._funcs("grad_sync_func"):
+        if last and not self.grad_sync:
             self._enable_sync()
         grads = [torch.ones_like(t) if g is None else g for t, g in zip(tensors, grads)]
         # The engine directly, as Megatron's custom_backward: freed outputs (see the
@@ -217,9 +221,7 @@ class _Steps:
         torch.autograd.Variable._execution_engine.run_backward(
             tensors=tuple(tensors), grad_tensors=tuple(grads), keep_graph=False,
             create_graph=False, inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
-        if last:
-            grad_sync = self._funcs("grad_sync_func")
-            if grad_sync:
-                self._enable_sync()
-                grad_sync[self.chunk_ids[action.stage]](self.chunk_of[action.stage].parameters())
+        if last and self.grad_sync:
+            self._enable_sync()
+            self.grad_sync[self.chunk_ids[action.stage]](self.chunk_of[action.stage].parameters())
         self._disable_sync()

@@ -26,7 +26,7 @@ from ..config import get_hardware, load_model
 from ..planner import PipeWeaverPlanner, SearchSettings, partition
 from ..planner.systems import RUNNABLE
 from ..planner.iteration import IterationPlan, plan_iteration
-from ..schedules import build_baseline
+from ..service.fallback import fallback_plan
 from ..semu import CostModel
 from ..workload import TokenRules, sample_workload
 
@@ -85,10 +85,7 @@ def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int |
                                         members=result.sub_microbatches.members,
                                         timeline=result.simulation))
     else:
-        vp = None if schedule == "megatron-interleaved" else 1
-        for batch in sampled:
-            table = build_baseline(model, schedule, len(batch.microbatches), pp=pp, vp=vp)
-            plans.append(plan_iteration(model, table, batch, rules, tp=tp))
+        plans = [fallback_plan(model, batch, rules, schedule, pp, tp) for batch in sampled]
     return plans, model
 
 

@@ -19,37 +19,16 @@ import time
 from pathlib import Path
 
 from pipeweaver_megatron.config import get_hardware, load_model
-from pipeweaver_megatron.ir import ScheduleTable, dependencies
+from pipeweaver_megatron.ir import ScheduleTable, random_order
 from pipeweaver_megatron.schedules import build_baseline
 from pipeweaver_megatron.semu import CostModel, batch_shapes, price, simulate
 from pipeweaver_megatron.workload import TokenRules, sample_workload
 
 
 def random_candidates(table: ScheduleTable, count: int, seed: int) -> list[ScheduleTable]:
-    """Random topological orders of the table's actions, split by rank."""
-    actions = [a for r in table.ranks for a in r]
-    rank_of = {a: table.layout.stages[a.stage].rank for a in actions}
-    deps = {a: dependencies(table, a) for a in actions}
-    users: dict = {a: [] for a in actions}
-    for a, found in deps.items():
-        for d in found:
-            users[d].append(a)
+    """Random valid orders of the table's actions (ir.random_order)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        waiting = {a: len(found) for a, found in deps.items()}
-        ready = [a for a, n in waiting.items() if n == 0]
-        ranks: list[list] = [[] for _ in table.ranks]
-        while ready:
-            a = ready.pop(rng.randrange(len(ready)))
-            ranks[rank_of[a]].append(a)
-            for u in users[a]:
-                waiting[u] -= 1
-                if waiting[u] == 0:
-                    ready.append(u)
-        out.append(ScheduleTable(layout=table.layout, num_microbatches=table.num_microbatches,
-                                 ranks=tuple(map(tuple, ranks)), name="random"))
-    return out
+    return [random_order(table, rng) for _ in range(count)]
 
 
 def timed(fn, repeat: int) -> float:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pipeweaver_megatron.config import get_hardware, load_model
 from pipeweaver_megatron.ir import (Action, Layout, ModuleInfo, Op, Part, ScheduleTable, Stage,
                                     dependencies, validate)
+from pipeweaver_megatron.ir import random_order as ir_random_order
 from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchSettings
 from pipeweaver_megatron.planner.compile import (PlanCheckError, check_plan, compile_table,
                                                  table_flows)
@@ -105,26 +106,8 @@ def compile_and_check(table: ScheduleTable, shapes=fake_shapes, **kwargs) -> Exe
 
 
 def random_order(table: ScheduleTable, seed: int) -> ScheduleTable:
-    """A random topological order of the table's actions, split by rank (always valid);
-    keeps the sub-microbatch counts."""
-    actions = [a for r in table.ranks for a in r]
-    deps = {a: dependencies(table, a) for a in actions}
-    users: dict = {a: [] for a in actions}
-    for a, found in deps.items():
-        for d in found:
-            users[d].append(a)
-    rng = random.Random(seed)
-    waiting = {a: len(found) for a, found in deps.items()}
-    ready = [a for a, n in waiting.items() if n == 0]
-    ranks: list[list] = [[] for _ in table.ranks]
-    while ready:
-        a = ready.pop(rng.randrange(len(ready)))
-        ranks[table.layout.stages[a.stage].rank].append(a)
-        for u in users[a]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                ready.append(u)
-    return replace(table, ranks=tuple(map(tuple, ranks)), name="random")
+    """A random valid order of the table's actions (keeps the sub-microbatch counts)."""
+    return ir_random_order(table, random.Random(seed))
 
 
 @st.composite

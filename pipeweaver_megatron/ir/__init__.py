@@ -6,10 +6,12 @@ from .render import render_grid, render_ranks
 from .stage import Layout, ModuleInfo, Part, Stage, StageEdge, matching_subs
 from .table import SCHEMA_VERSION, ScheduleTable
 from .validate import dependencies, required_actions, validate
+from .orders import random_order
 
 __all__ = [
     "Action", "Op", "LayoutError", "ScheduleFormatError", "ScheduleValidationError",
     "render_grid", "render_ranks", "Layout", "ModuleInfo", "Part", "Stage", "StageEdge",
     "matching_subs",
     "SCHEMA_VERSION", "ScheduleTable", "dependencies", "required_actions", "validate",
+    "random_order",
 ]

@@ -153,15 +153,16 @@ def _loss(reports: list, group, device) -> tuple[float, float]:
 def _reduce_gradients(params, tokens: float, dp_group) -> None:
     """Per-token gradients: sum over data parallelism, divide by all loss tokens."""
     world = dist.get_world_size(dp_group)
-    count = torch.tensor([tokens], dtype=torch.float64)
-    if world > 1:
+    if world > 1:  # on the parameters' device: NCCL reduces device tensors only
+        count = torch.tensor([tokens], dtype=torch.float64, device=params[0].device)
         dist.all_reduce(count, group=dp_group)
+        tokens = float(count.item())
     for p in params:
         if p.grad is None:
             continue
         if world > 1:
             dist.all_reduce(p.grad, group=dp_group)
-        p.grad.div_(float(count.item()))
+        p.grad.div_(tokens)
 
 
 def _measured(timeline: list, began: float) -> dict:

@@ -49,7 +49,6 @@ class Problem:
     duration: tuple[float, ...]
     gate: tuple[float, ...]
     """Bytes a forward adds to its rank's live activations (0 for backwards)."""
-    saved: tuple[float, ...]
     ndeps: tuple[int, ...]
     users: tuple[tuple[tuple[int, float], ...], ...]
     group_of: tuple[int, ...]
@@ -87,7 +86,7 @@ def build_problem(costs: CostModel, layout: Layout, counts: Mapping[str, Sequenc
     n = len(actions)
     users: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     ndeps = [0] * n
-    duration, gates, saved, rank = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+    duration, gates, rank = [0.0] * n, [0.0] * n, [0] * n
     group_keys = sorted({(a.microbatch, module_rank[stage_module(layout, a.stage)])
                          for a in actions})
     group_id = {key: i for i, key in enumerate(group_keys)}
@@ -107,7 +106,6 @@ def build_problem(costs: CostModel, layout: Layout, counts: Mapping[str, Sequenc
                                  per_byte[e.dst][s] * c.output_bytes + fixed[e.dst][s]))
         else:
             duration[i] = c.forward_s
-            saved[i] = c.saved_bytes
             gates[i] = gate[s][m][k] if gate is not None else c.saved_bytes
             deps = []
             for e in layout.predecessors(s):
@@ -123,7 +121,7 @@ def build_problem(costs: CostModel, layout: Layout, counts: Mapping[str, Sequenc
                    counts={name: tuple(c) for name, c in counts.items()},
                    actions=tuple(actions), rank=tuple(rank),
                    backward=tuple(a.op == Op.B for a in actions), duration=tuple(duration),
-                   gate=tuple(gates), saved=tuple(saved), ndeps=tuple(ndeps),
+                   gate=tuple(gates), ndeps=tuple(ndeps),
                    users=tuple(tuple(u) for u in users), group_of=tuple(group_of),
                    groups=tuple((m, names[r]) for m, r in group_keys), tiebreak=tuple(tiebreak))
 

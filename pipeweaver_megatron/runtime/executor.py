@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -70,7 +70,6 @@ class RankExecutor:
     received: dict[tuple, dict[str, Tensor]] = field(default_factory=dict)
     grads: dict[tuple, dict[str, Tensor]] = field(default_factory=dict)
     """(producer forward, consumer stage, consumer sub) -> input gradients by name."""
-    on_op: Callable[[int, object], None] | None = None
     forward_only: bool = False
     """Run the forwards alone (evaluation): backwards and gradient messages are skipped."""
     readers: dict[tuple, int] = field(default_factory=dict)
@@ -99,8 +98,6 @@ class RankExecutor:
         ops = self.plan.execution.ranks[self.rank].ops
         for index, op in enumerate(ops):
             try:
-                if self.on_op is not None:
-                    self.on_op(index, op)
                 began = time.perf_counter()
                 self._run(op)
                 self.timeline.append((index, str(op), began, time.perf_counter()))

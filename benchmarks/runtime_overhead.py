@@ -100,7 +100,7 @@ def worker(rank: int, port: int, args, out: str) -> None:
     batch = GlobalBatch(iteration=0, microbatches=tuple(pack(samples, rules)))
     table = build_baseline(model, "megatron-1f1b", args.microbatches, pp=2, vp=1)
     plan = plan_iteration(model, table, batch, rules)
-    chunk = stage_chunk(model, table.layout, rank, seed=0)
+    chunk = stage_chunk(model, table.layout, rank, seed=0, use_te=False)
     config = transformer_config(model.module("lm"), tp=1, num_layers=1, params_dtype=torch.float32,
                                 dropout=0.0)
     config.pipeline_dtype, config.calculate_per_token_loss = torch.float32, True

@@ -22,6 +22,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--train-iters", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--transformer-impl", choices=("transformer_engine", "local"),
+                        help="layer spec (default: transformer_engine when it and CUDA are "
+                             "present, else local with SDPA core attention)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--workload", help="dataset generator or JSONL trace of a real dataset's "
                                            "metadata (default: the model's)")

@@ -89,8 +89,9 @@ def train(args) -> list[dict]:
                         parallel_state.get_model_parallel_group())
         layout = feed.layout
         stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
-        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed).to(topo.device)
-                  for s in stages]
+        use_te = None if args.transformer_impl is None else args.transformer_impl != "local"
+        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed, use_te=use_te)
+                  .to(topo.device) for s in stages]
         for chunk in chunks:
             chunk.config = _RunConfig()
         params = [p for c in chunks for p in c.parameters()]

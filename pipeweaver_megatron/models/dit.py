@@ -44,9 +44,20 @@ class ConditionedCrossAttention(CrossAttention):
                 bias=config.add_bias_linear, skip_bias_add=False, is_expert=False)
 
 
-def dit_layer_spec(condition_hidden: int) -> MegatronModuleSpec:
-    """The bidirectional local layer spec plus a norm and cross-attention to the cond."""
-    spec = layer_spec(False, causal=False)
+def dit_layer_spec(condition_hidden: int, use_te: bool = False) -> MegatronModuleSpec:
+    """The bidirectional layer spec (local + SDPA, or Transformer Engine) plus a norm and
+    cross-attention to the cond.
+
+    The cross-attention is local linears + SDPAttention in both specs: each clip attends
+    only its own sample's caption, a per-token mask that TE's packed (THD) attention does
+    not take. Under TE the self-attention's input norm is fused into linear_qkv, so the
+    cross-attention's norm is a TENorm of its own.
+    """
+    spec = layer_spec(use_te, causal=False)
+    norm = spec.submodules.input_layernorm
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+        norm = TENorm
     cross = MegatronModuleSpec(
         module=ConditionedCrossAttention,
         params={"attn_mask_type": AttnMaskType.padding, "condition_hidden": condition_hidden},
@@ -55,7 +66,7 @@ def dit_layer_spec(condition_hidden: int) -> MegatronModuleSpec:
                                             core_attention=SDPAttention,
                                             linear_proj=RowParallelLinear))
     return dataclasses.replace(spec, submodules=dataclasses.replace(
-        spec.submodules, pre_cross_attn_layernorm=spec.submodules.input_layernorm,
+        spec.submodules, pre_cross_attn_layernorm=norm,
         cross_attention=cross, cross_attn_bda=get_bias_dropout_add))
 
 
@@ -81,7 +92,8 @@ class DiTPart(nn.Module):
     """
 
     def __init__(self, model: ModelSpec, name: str, first: int, last: int, *, tp: int,
-                 params_dtype: torch.dtype, dropout: float, seed: int) -> None:
+                 params_dtype: torch.dtype, dropout: float, seed: int,
+                 use_te: bool = False) -> None:
         super().__init__()
         spec = model.module(name)
         video = spec.video
@@ -95,8 +107,8 @@ class DiTPart(nn.Module):
                 self.time_embed = nn.Sequential(
                     nn.Linear(TIME_FREQUENCIES, spec.hidden_size, dtype=params_dtype), nn.SiLU(),
                     nn.Linear(spec.hidden_size, spec.hidden_size, dtype=params_dtype))
-        self.layers = build_layers(dit_layer_spec(model.condition_hidden(name)), config, name,
-                                   first, last, seed)
+        self.layers = build_layers(dit_layer_spec(model.condition_hidden(name), use_te), config,
+                                   name, first, last, seed)
         if self.is_last:
             self.final_norm = WrappedTorchNorm(config, spec.hidden_size,
                                                eps=config.layernorm_epsilon)

@@ -115,7 +115,8 @@ class LanguageModelPart(nn.Module):
     """
 
     def __init__(self, model: ModelSpec, name: str, first: int, last: int, *, tp: int,
-                 params_dtype: torch.dtype, dropout: float, seed: int) -> None:
+                 params_dtype: torch.dtype, dropout: float, seed: int,
+                 use_te: bool = False) -> None:
         super().__init__()
         spec = model.module(name)
         if not spec.untie_embeddings:
@@ -131,7 +132,8 @@ class LanguageModelPart(nn.Module):
                     config, spec.vocab_size, model.parallel.microbatch_tokens,
                     position_embedding_type="rope")
         self.rotary = PortableRotaryEmbedding(spec.head_dim, 1.0, use_cpu_initialization=True)
-        self.layers = build_layers(layer_spec(False, causal=True), config, name, first, last, seed)
+        self.layers = build_layers(layer_spec(use_te, causal=True), config, name, first, last,
+                                   seed)
         if self.is_last:
             self.final_norm = WrappedTorchNorm(config, spec.hidden_size,
                                                eps=config.layernorm_epsilon)

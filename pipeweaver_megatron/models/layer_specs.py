@@ -57,3 +57,31 @@ def _with_mask(spec: MegatronModuleSpec, causal: bool) -> MegatronModuleSpec:
     attention = dataclasses.replace(attention, params=params)
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
                                                                    self_attention=attention))
+
+
+# [Note: TE parameter names] Transformer Engine's spec fuses each layer's pre-attention
+# and pre-MLP norms into the following linear (TELayerNormColumnParallelLinear), so the
+# same weights carry other names than in the local spec. Checkpoints and references use
+# the local names; a TE chunk translates on load.
+_FUSED_NORMS = (
+    (".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+    (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"),
+)
+
+
+def local_name(name: str) -> str:
+    """A parameter's local-spec name, given its local or Transformer Engine name."""
+    for local, fused in _FUSED_NORMS:
+        head, found, tail = name.partition(fused)
+        if found and tail in ("weight", "bias"):
+            return f"{head}{local}{tail}"
+    return name
+
+
+def te_name(name: str) -> str:
+    """A parameter's Transformer Engine name, given its local-spec name."""
+    for local, fused in _FUSED_NORMS:
+        head, found, tail = name.partition(local)
+        if found and tail in ("weight", "bias"):
+            return f"{head}{fused}{tail}"
+    return name

@@ -30,9 +30,11 @@ module, layer), so chunks built with the same seed already hold the reference's 
   num_tokens the tokens in it, Megatron's (loss, num_tokens) convention, so pipeline
   and reference sum identically; otherwise None and 0.
 
-Runs under megatron-core's parallel_state with tensor parallelism tp (the local layer
-spec with SDPAttention, CPU + gloo or CUDA + NCCL alike; load_from shards a tp=1
-reference for each TP rank). Sequence parallelism is not available: the local spec's
+Runs under megatron-core's parallel_state with tensor parallelism tp. Layer spec: use_te
+True is megatron-core's Transformer Engine spec, False the local spec with SDPAttention
+(CPU + gloo or CUDA + NCCL alike), None (the default) TE when models.te_usable(). load_from
+shards a tp=1 reference for each TP rank and reads either spec's parameter names
+([Note: TE parameter names]). Sequence parallelism is not available: the local spec's
 norms (WrappedTorchNorm) refuse it. Build chunks on the host and move them with
 ``.to(device)``; data follows with MicrobatchData.to.
 """
@@ -52,6 +54,7 @@ from ..ir import Layout, Part
 from .data import MicrobatchData
 from .dit import DiTPart
 from .language import LanguageModelPart
+from .layer_specs import local_name, te_usable
 from .vision import ProjectorPart, VisionEncoderPart
 
 
@@ -85,7 +88,7 @@ class LMMChunk(nn.Module):
 
     def __init__(self, model: ModelSpec, parts: tuple[Part, ...], *, tp: int = 1,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 dropout: float = 0.0, seed: int = 0) -> None:
+                 dropout: float = 0.0, seed: int = 0, use_te: bool | None = None) -> None:
         super().__init__()
         if sequence_parallel:
             raise ValueError("sequence parallelism is not supported: megatron-core's local "
@@ -99,7 +102,9 @@ class LMMChunk(nn.Module):
         parts = tuple(parts)
         check_parts(model, parts)
         self.model, self.parts, self.tp = model, parts, tp
-        options = dict(tp=tp, params_dtype=params_dtype, dropout=dropout, seed=seed)
+        self.use_te = te_usable() if use_te is None else use_te
+        options = dict(tp=tp, params_dtype=params_dtype, dropout=dropout, seed=seed,
+                       use_te=self.use_te)
         for part in parts:
             if hasattr(self, part.module):
                 raise ValueError(f"module name {part.module!r} clashes with an attribute of "
@@ -154,17 +159,19 @@ class LMMChunk(nn.Module):
         return "+".join(f"{p.module}[{p.first_layer}:{p.last_layer}]" for p in self.parts)
 
     def load_from(self, reference: Mapping[str, Tensor]) -> LMMChunk:
-        """Copy this chunk's tensors from a whole-model (tp=1) state_dict by name; with
-        tensor parallelism each rank takes its shard. Returns self."""
+        """Copy this chunk's tensors from a whole-model (tp=1) state_dict by name (local
+        or Transformer Engine names, either way); with tensor parallelism each rank takes
+        its shard. Returns self."""
         rank = parallel_state.get_tensor_model_parallel_rank()
         own = dict(self.named_parameters())
+        by_local = {local_name(k): v for k, v in reference.items()}
         with torch.no_grad():
             for name, tensor in self.state_dict(keep_vars=True).items():
-                if not isinstance(tensor, Tensor):
-                    continue  # megatron's _extra_state entries (None here)
-                if name not in reference:
+                if not isinstance(tensor, Tensor) or name.endswith("_extra_state"):
+                    continue  # megatron's and TE's _extra_state entries
+                if local_name(name) not in by_local:
                     raise KeyError(f"the reference has no tensor {name!r}")
-                full = reference[name]
+                full = by_local[local_name(name)]
                 param = own.get(name, tensor)
                 part = shard(full, param, self._gated(name), rank, self.tp)
                 if part.shape != tensor.shape:

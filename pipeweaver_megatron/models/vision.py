@@ -29,7 +29,8 @@ class VisionEncoderPart(nn.Module):
     """
 
     def __init__(self, model: ModelSpec, name: str, first: int, last: int, *, tp: int,
-                 params_dtype: torch.dtype, dropout: float, seed: int) -> None:
+                 params_dtype: torch.dtype, dropout: float, seed: int,
+                 use_te: bool = False) -> None:
         super().__init__()
         spec = model.module(name)
         rule = spec.image
@@ -41,7 +42,7 @@ class VisionEncoderPart(nn.Module):
                 self.patch_embed = nn.Linear(patch, spec.hidden_size, bias=False,
                                              dtype=params_dtype)
                 nn.init.normal_(self.patch_embed.weight, std=config.init_method_std)
-        self.layers = build_layers(layer_spec(False, causal=False), config, name, first, last,
+        self.layers = build_layers(layer_spec(use_te, causal=False), config, name, first, last,
                                    seed)
 
     def forward(self, flow: Flow, data: MicrobatchData) -> PartResult:
@@ -71,7 +72,9 @@ class ProjectorPart(nn.Module):
     """
 
     def __init__(self, model: ModelSpec, name: str, *, tp: int, params_dtype: torch.dtype,
-                 dropout: float, seed: int) -> None:
+                 dropout: float, seed: int, use_te: bool = False) -> None:
+        # use_te is accepted and ignored: the merger and norm are local modules in both
+        # layer specs (they are small next to the encoder's layers).
         super().__init__()
         spec = model.module(name)
         encoder = model.module(model.upstream(name)[0])

@@ -97,7 +97,7 @@ def reference_run(model, plans: list[IterationPlan], seed: int) -> dict:
     rules = TokenRules.from_model(model)
     init_single_process(seed)
     try:
-        reference = build_reference(model, seed=seed)
+        reference = build_reference(model, seed=seed, use_te=False)
         state = {k: v.detach().clone() for k, v in reference.state_dict().items()
                  if isinstance(v, torch.Tensor)}
         losses, grads = [], []
@@ -168,8 +168,8 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
     group = parallel_state.get_pipeline_model_parallel_group()
     layout = plans[0].table.layout
     stages = [s.index for s in layout.stages_of_rank(p_rank)]
-    chunks = [stage_chunk(model, layout, s, tp=tp, seed=seed).load_from(reference["state"])
-              for s in stages]
+    chunks = [stage_chunk(model, layout, s, tp=tp, seed=seed, use_te=False)  # gloo: on the host
+              .load_from(reference["state"]) for s in stages]
     if fault == "perturbed-weight" and rank == 0:
         with torch.no_grad():
             first = next(chunks[0].parameters())

@@ -87,3 +87,28 @@ def test_install_also_rebinds_megatron_training():
         assert training.get_forward_backward_func() is marker
     finally:
         uninstall()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch-size", "2"], "one packed sequence"),
+    (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
+])
+def test_pretrain_rejects_flags_it_cannot_honour(flags, message, capsys):
+    from pipeweaver_megatron.megatron.pretrain import parse as parse_pretrain
+
+    with pytest.raises(SystemExit):
+        parse_pretrain(["--pipeweaver", "--pipeweaver-model-config", "tiny-vlm", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_run_flags_override_the_spec_and_bad_ones_name_file_and_key():
+    from pipeweaver_megatron.config import ConfigError, load_model
+
+    model = load_model("tiny-vlm", {"pp": 2, "dp": 2, "global_batch_size": 6,
+                                    "microbatch_tokens": 512})
+    assert (model.parallel.num_microbatches, model.parallel.microbatch_tokens) == (3, 512)
+    with pytest.raises(ConfigError, match=r"tiny-vlm.yaml: parallel.global_batch_size: 6 is "
+                                          r"not divisible by dp=4"):
+        load_model("tiny-vlm", {"dp": 4, "global_batch_size": 6})
+    with pytest.raises(ConfigError, match=r"tiny-vlm.yaml: parallel: unknown settings \['ppp'\]"):
+        load_model("tiny-vlm", {"ppp": 2})

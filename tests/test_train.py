@@ -68,3 +68,19 @@ def test_planner_faults_fall_back_and_training_goes_on(tmp_path):
     assert faulty[-1]["fallbacks"] == 3 and not any(r["fallback"] for r in clean)
     # the same batches and the same math, in another order: the same losses
     assert [r["loss"] for r in faulty] == pytest.approx([r["loss"] for r in clean], rel=1e-4)
+
+
+def test_data_parallel_global_batch_and_gradient_clipping(tmp_path):
+    """PP 2 x DP 2: --global-batch-size splits over the replicas, and a vanishing
+    --clip-grad (applied to the global norm after the DP reduction) freezes Adam's
+    updates below its epsilon, so the loss of the same batch stays put."""
+    flags = ("--pipeline-model-parallel-size", "2", "--global-batch-size", "4", "--lr", "3e-2")
+    clipped = train(tmp_path, "clipped", 4, *flags, "--train-iters", "2", "--clip-grad", "1e-12",
+                    "--pipeweaver-schedule", "megatron-1f1b", port=29709)
+    assert [r["microbatches"] for r in clipped] == [2, 2]
+    free = train(tmp_path, "free", 4, *flags, "--train-iters", "2",
+                 "--pipeweaver-schedule", "megatron-1f1b", port=29710)
+    assert clipped[0]["loss"] == pytest.approx(free[0]["loss"], rel=1e-6)
+    # iteration 1 trains on another batch: compare the change each run made to the model
+    # through the loss on that batch, which only the unclipped update moves
+    assert abs(free[1]["loss"] - clipped[1]["loss"]) > 1e-3

@@ -47,11 +47,26 @@ def resolve_model(model: str | Path) -> Path:
                                       f"known: {', '.join(list_models())}")
 
 
-def load_model(model: str | Path) -> ModelSpec:
-    """Load and validate a setup given by name or path."""
+def load_model(model: str | Path, parallel: typing.Mapping[str, int] | None = None) -> ModelSpec:
+    """Load and validate a setup given by name or path.
+
+    parallel: overrides of its `parallel:` settings (a run's tp, pp, dp,
+    global_batch_size, ... flags), validated like the file's own values.
+    """
     path = resolve_model(model)
     data = _read_yaml(path)
-    return _build_model(data, str(path))
+    spec = _build_model(data, str(path))
+    if not parallel:
+        return spec
+    try:
+        unknown = set(parallel) - {f.name for f in dataclasses.fields(spec.parallel)}
+        if unknown:
+            raise SpecError("parallel", f"unknown settings {sorted(unknown)}")
+        return dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, **parallel))
+    except SpecError as error:
+        key = error.key if error.key.startswith("parallel") else f"parallel.{error.key}"
+        raise ConfigError(str(path), key,
+                          f"{error.reason} (with the run's overrides {dict(parallel)})") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

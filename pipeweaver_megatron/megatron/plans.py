@@ -34,7 +34,7 @@ class PlanFeed:
     --pipeweaver-lookahead batches ahead, falling back when a plan is late or invalid)
     and broadcasts the run's layout once and each iteration's plan to the group."""
 
-    def __init__(self, args, model, batches, topo, group) -> None:
+    def __init__(self, args, model, batches, topo, group, parallel: dict | None = None) -> None:
         self.args, self.model, self.batches, self.topo, self.group = args, model, batches, topo, group
         self.rules = TokenRules.from_model(model)
         self.schedule = args.pipeweaver_schedule
@@ -47,7 +47,8 @@ class PlanFeed:
             hardware = args.pipeweaver_hardware or (calibration.hardware if calibration
                                                     else model.hardware)
             settings = ServiceSettings(
-                model=args.pipeweaver_model_config, hardware=hardware,
+                model=args.pipeweaver_model_config, parallel=dict(parallel or {}),
+                hardware=hardware,
                 calibration=args.pipeweaver_calibration, pp=topo.pp, tp=topo.tp,
                 schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
                 workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,

@@ -21,6 +21,18 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--train-iters", type=int, default=10)
+    parser.add_argument("--global-batch-size", type=int,
+                        help="packed microbatches per iteration over all data-parallel "
+                             "replicas (default: the model spec's)")
+    parser.add_argument("--micro-batch-size", type=int, default=1,
+                        help="sequences per microbatch: 1, one packed sequence of "
+                             "--seq-length tokens")
+    parser.add_argument("--seq-length", type=int,
+                        help="LM tokens per packed microbatch (default: the model spec's)")
+    parser.add_argument("--use-distributed-optimizer", action="store_true",
+                        help="megatron-core's distributed optimizer (CUDA)")
+    parser.add_argument("--clip-grad", type=float, default=0.0,
+                        help="clip the global gradient norm to this (0: off)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--transformer-impl", choices=("transformer_engine", "local"),
                         help="layer spec (default: transformer_engine when it and CUDA are "
@@ -39,6 +51,11 @@ def parse(argv=None) -> argparse.Namespace:
                      "static order through the same runtime)")
     if not args.pipeweaver_model_config:
         parser.error("--pipeweaver-model-config is required")
+    if args.micro_batch_size != 1:
+        parser.error(f"--micro-batch-size {args.micro_batch_size}: a PipeWeaver microbatch is "
+                     "one packed sequence of samples (--seq-length tokens); use 1")
+    if args.clip_grad < 0:
+        parser.error(f"--clip-grad must be >= 0, got {args.clip_grad}")
     return args
 
 

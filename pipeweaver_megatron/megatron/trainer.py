@@ -2,8 +2,9 @@
 
 Per process: distributed init (NCCL when CUDA is present, gloo otherwise), megatron-core
 parallel_state (TP, PP, DP), the rank's LMM chunks for its stages of the run's layout,
-an optimizer, and a loop. Each iteration the first rank of the model-parallel group
-takes the plan of the next global batch (from the planner service, or the fallback
+gradient reduction and an optimizer (megatron-core's DDP and optimizer on CUDA, torch
+Adam with a DP all-reduce on the host: megatron/optim.py), and a loop. Each iteration
+the first rank of the model-parallel group takes the plan of the next global batch (from the planner service, or the fallback
 schedule) and broadcasts it to the group; every rank runs forward_backward_pipeweaver
 on synthetic data whose metadata follows the workload, reduces gradients over data
 parallelism, divides them by the batch's loss tokens, and steps. Logs: a line per
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from ..config import load_model
 from ..workload import TokenRules, sample_workload
 from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import build_training
 from .plans import PlanFeed
 
 log = logging.getLogger("pipeweaver.train")
@@ -70,6 +72,16 @@ def init_distributed(tp: int, pp: int, seed: int) -> Topology:
                     parallel_state.get_data_parallel_rank(), device)
 
 
+def run_parallel(args, topo: Topology) -> dict[str, int]:
+    """The model spec's parallel settings as this run's flags set them."""
+    parallel = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
+    if args.global_batch_size:
+        parallel["global_batch_size"] = args.global_batch_size
+    if args.seq_length:
+        parallel["microbatch_tokens"] = args.seq_length
+    return parallel
+
+
 def train(args) -> list[dict]:
     """Run args.train_iters iterations (resuming from --load); returns the log records."""
     from megatron.core import parallel_state
@@ -78,67 +90,78 @@ def train(args) -> list[dict]:
     from ..models.data import microbatch_data
     from ..runtime import PipeWeaverSchedule, lmm_forward_step
 
-    model = load_model(args.pipeweaver_model_config)
-    rules = TokenRules.from_model(model)
     topo = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             args.seed)
     try:
+        parallel = run_parallel(args, topo)
+        model = load_model(args.pipeweaver_model_config, parallel)
+        rules = TokenRules.from_model(model)
         batches = sample_workload(model, args.workload or model.dataset, args.train_iters,
                                   args.seed * 1000 + topo.d_rank)
         feed = PlanFeed(args, model, batches, topo,
-                        parallel_state.get_model_parallel_group())
+                        parallel_state.get_model_parallel_group(), parallel)
         layout = feed.layout
         stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
         use_te = None if args.transformer_impl is None else args.transformer_impl != "local"
         chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed, use_te=use_te)
                   .to(topo.device) for s in stages]
-        for chunk in chunks:
-            chunk.config = _RunConfig()
-        params = [p for c in chunks for p in c.parameters()]
-        optimizer = torch.optim.Adam(params, lr=args.lr)
+        training = build_training(chunks, args, topo.device)
         start = 0
         if args.load:
-            start = load_checkpoint(args.load, topo.rank, chunks, optimizer)
+            start = load_checkpoint(args.load, topo.rank, chunks, training.optimizer)
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         schedule = PipeWeaverSchedule(feed.next_plan, model, rules, topo.p_rank,
                                       dist.get_process_group_ranks(pp_group), pp_group)
         feed.start(start)
+        progress = Progress(args.train_iters, start)
         records = []
         for iteration in range(start, args.train_iters):
             batch = batches[iteration]
             data = iter([microbatch_data(model, mb, rules, args.seed).to(topo.device)
                          for mb in batch.microbatches])  # the data loader's work, not timed
             began = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
+            training.zero_grad()
             reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data,
-                               model=chunks, num_microbatches=len(batch.microbatches))
+                               model=training.model, num_microbatches=len(batch.microbatches))
             loss, tokens = _loss(reports, pp_group, topo.device)
-            _reduce_gradients(params, tokens, parallel_state.get_data_parallel_group())
-            optimizer.step()
+            training.reduce(tokens, parallel_state.get_data_parallel_group())
+            if args.clip_grad and not training.megatron_core:
+                clip_host_gradients(training.params, args.clip_grad)
+            training.step()
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
-            record.update(_measured(schedule.last_timeline, began))
+            record.update(_measured(schedule.last_timeline, began),
+                          microbatches=len(batch.microbatches))
             if args.pipeweaver_trace_dir:
                 _write_measured(args.pipeweaver_trace_dir, iteration, topo.rank,
                                 schedule.last_timeline, began)
             records.append(record)
             if topo.rank == 0:
-                _report(args, record)
+                _report(args, record, progress.advance(elapsed))
             if args.save and (iteration + 1 == args.train_iters or
                               (args.save_interval and (iteration + 1) % args.save_interval == 0)):
-                save_checkpoint(args.save, topo.rank, iteration + 1, chunks, optimizer)
+                save_checkpoint(args.save, topo.rank, iteration + 1, chunks, training.optimizer)
         feed.close()
         return records
     finally:
         teardown()
 
 
-class _RunConfig:
-    """The fields of Megatron's config forward_backward_pipeweaver reads (CPU path)."""
+class Progress:
+    """A text progress bar for the log lines (SLURM logs too: no carriage returns)."""
 
-    calculate_per_token_loss = True
-    grad_scale_func = no_sync_func = grad_sync_func = param_sync_func = None
-    finalize_model_grads_func = None
+    WIDTH = 20
+
+    def __init__(self, total: int, done: int) -> None:
+        self.total, self.done, self.timed, self.spent = total, done, 0, 0.0
+
+    def advance(self, seconds: float) -> str:
+        self.done += 1
+        self.timed += 1
+        self.spent += seconds
+        filled = round(self.WIDTH * self.done / max(self.total, 1))
+        eta = self.spent / self.timed * (self.total - self.done)
+        return f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] eta {eta:.1f} s"
 
 
 def _loss(reports: list, group, device) -> tuple[float, float]:
@@ -151,19 +174,24 @@ def _loss(reports: list, group, device) -> tuple[float, float]:
     return loss_sum / max(tokens, 1.0), tokens
 
 
-def _reduce_gradients(params, tokens: float, dp_group) -> None:
-    """Per-token gradients: sum over data parallelism, divide by all loss tokens."""
-    world = dist.get_world_size(dp_group)
-    if world > 1:  # on the parameters' device: NCCL reduces device tensors only
-        count = torch.tensor([tokens], dtype=torch.float64, device=params[0].device)
-        dist.all_reduce(count, group=dp_group)
-        tokens = float(count.item())
+def clip_host_gradients(params: list, max_norm: float) -> float:
+    """Clip the global gradient norm over the model-parallel group (host path; on CUDA
+    megatron-core's optimizer clips). A parameter replicated over tensor parallelism
+    counts once. Returns the norm before clipping."""
+    from megatron.core import parallel_state
+
+    t_rank = parallel_state.get_tensor_model_parallel_rank()
+    total = torch.zeros(1, dtype=torch.float64, device=params[0].device)
     for p in params:
-        if p.grad is None:
-            continue
-        if world > 1:
-            dist.all_reduce(p.grad, group=dp_group)
-        p.grad.div_(tokens)
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or t_rank == 0):
+            total += p.grad.double().square().sum()
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    norm = float(total.sqrt().item())
+    if norm > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
 
 
 def _measured(timeline: list, began: float) -> dict:
@@ -184,12 +212,13 @@ def _write_measured(directory: str, iteration: int, rank: int, timeline: list,
                    for _, op, start, end in timeline], f)
 
 
-def _report(args, record: dict) -> None:
+def _report(args, record: dict, progress: str) -> None:
     line = (f"iteration {record['iteration'] + 1:>5}/{args.train_iters} | loss {record['loss']:.4f} "
             f"| {record['iteration_time_s'] * 1e3:8.1f} ms | {record['tokens_per_s']:9.0f} tokens/s "
             f"| predicted {record['predicted_time_s'] * 1e3:8.1f} ms | bubble "
             f"{record['bubble_ratio']:5.1%} | plan {record['plan_latency_ms']:7.1f} ms "
-            f"| {record['source']}{' fallbacks ' + str(record['fallbacks']) if record['fallbacks'] else ''}")
+            f"| {record['source']}{' fallbacks ' + str(record['fallbacks']) if record['fallbacks'] else ''}"
+            f" {progress}")
     print(line, flush=True)
     if args.pipeweaver_log:
         with open(args.pipeweaver_log, "a") as f:

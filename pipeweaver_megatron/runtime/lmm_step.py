@@ -18,8 +18,16 @@ from ..models.lmm import ChunkResult
 def lmm_forward_step(data_iterator, model):
     """One chunk forward on the next (sub-)microbatch."""
     data = next(data_iterator)
-    result = model(getattr(model, "input_tensors", None) or {}, data)
+    result = model(_received(model), data)
     return result, lmm_loss
+
+
+def _received(model) -> dict:
+    """The chunk's received tensors (the runtime set them), under any wrappers such as
+    megatron-core's DDP."""
+    while not hasattr(model, "input_tensors") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "input_tensors", None) or {}
 
 
 def lmm_loss(output: ChunkResult, non_loss_data: bool = False):

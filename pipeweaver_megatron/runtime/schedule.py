@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import get_attr_wrapped_model
 
 from ..ir import Action, Op
 from ..planner.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
@@ -187,8 +188,8 @@ class _Steps:
         module = layout.stages[action.stage].parts[0].module
         members = self.plan.sub_members(module, action.microbatch, action.sub)
         data = select(self.data[action.microbatch], module, members)
-        if hasattr(chunk, "set_input_tensor"):
-            chunk.set_input_tensor(inputs)
+        # Through wrappers (megatron-core DDP, Float16Module), as Megatron's schedules do.
+        get_attr_wrapped_model(chunk, "set_input_tensor")(inputs)
         output, loss_func = self.forward_step_func(iter([data]), chunk)
         loss = getattr(output, "loss", None)
         outputs = getattr(output, "outputs", output)

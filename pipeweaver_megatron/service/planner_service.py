@@ -34,7 +34,7 @@ class PlannerService:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.model = load_model(settings.model)
+        self.model = load_model(settings.model, settings.parallel)
         self.rules = TokenRules.from_model(self.model)
         self.pp = settings.pp or self.model.parallel.pp
         self.tp = settings.tp or self.model.parallel.tp

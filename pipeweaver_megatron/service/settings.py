@@ -29,6 +29,9 @@ class ServiceSettings:
 
     model: str
     """Model name (model_configs/) or path of a YAML file."""
+    parallel: Mapping[str, int] = field(default_factory=dict)
+    """Overrides of the model's parallel settings (the run's flags: dp,
+    global_batch_size, microbatch_tokens, ...); see config.load_model."""
     hardware: str | None = None
     """Hardware profile name; None: the model's."""
     calibration: str | None = None

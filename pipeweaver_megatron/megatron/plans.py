@@ -14,7 +14,21 @@ from ..planner.iteration import IterationPlan
 from ..semu import batch_shapes, load_calibration, simulate, write_trace
 from ..service import PlannerService, PrefetchingIterator, ServiceSettings
 from ..service.worker import make_costs
-from ..workload import TokenRules
+from ..workload import TokenRules, sample_workload
+
+
+def replica_batches(args, model, dp_rank: int) -> list:
+    """The global batches data-parallel replica dp_rank trains on (seed * 1000 + d)."""
+    return sample_workload(model, getattr(args, "workload", None) or model.dataset,
+                           args.train_iters, args.seed * 1000 + dp_rank)
+
+
+def layout_reference(args, model):
+    """The batch the chunk partitioner takes typical shapes from: replica 0's first, on
+    every replica, so all data-parallel replicas cut the same layout (their gradients
+    are reduced parameter by parameter)."""
+    return sample_workload(model, getattr(args, "workload", None) or model.dataset, 1,
+                           args.seed * 1000)[0]
 
 
 @dataclass
@@ -52,7 +66,8 @@ class PlanFeed:
                 calibration=args.pipeweaver_calibration, pp=topo.pp, tp=topo.tp,
                 schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
                 workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
-                fallback=args.pipeweaver_fallback, reference=batches[0], seed=args.seed,
+                fallback=args.pipeweaver_fallback, reference=layout_reference(args, model),
+                seed=args.seed,
                 faults={i: kind for kind, i in args.pipeweaver_inject_fault})
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
             self.service = PlannerService(settings).start()

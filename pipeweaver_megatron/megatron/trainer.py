@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import load_model
-from ..workload import TokenRules, sample_workload
+from ..workload import TokenRules
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import build_training
-from .plans import PlanFeed
+from .plans import PlanFeed, replica_batches
 
 log = logging.getLogger("pipeweaver.train")
 
@@ -96,11 +96,11 @@ def train(args) -> list[dict]:
         parallel = run_parallel(args, topo)
         model = load_model(args.pipeweaver_model_config, parallel)
         rules = TokenRules.from_model(model)
-        batches = sample_workload(model, args.workload or model.dataset, args.train_iters,
-                                  args.seed * 1000 + topo.d_rank)
+        batches = replica_batches(args, model, topo.d_rank)
         feed = PlanFeed(args, model, batches, topo,
                         parallel_state.get_model_parallel_group(), parallel)
         layout = feed.layout
+        check_replicas_agree(layout, parallel_state.get_data_parallel_group())
         stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
         use_te = None if args.transformer_impl is None else args.transformer_impl != "local"
         chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed, use_te=use_te)
@@ -145,6 +145,17 @@ def train(args) -> list[dict]:
         return records
     finally:
         teardown()
+
+
+def check_replicas_agree(layout, dp_group) -> None:
+    """Every data-parallel replica must hold the same layout: their gradients are
+    reduced parameter by parameter."""
+    mine = repr(layout)  # a frozen dataclass of stages and parts
+    theirs: list = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(theirs, mine, group=dp_group)
+    if any(other != mine for other in theirs):
+        raise RuntimeError("data-parallel replicas cut different layouts; they must share "
+                           "the partitioner's reference batch")
 
 
 class Progress:

@@ -17,6 +17,7 @@ from ..planner import PlannerError, SYSTEMS, make_system
 from .format import format_model, format_simulation
 from .plan import add_cost_arguments, add_parser as add_plan_parser, cost_model
 from .calibrate import add_parser as add_calibrate_parser
+from .checkpoint import add_parser as add_checkpoint_parser
 from .demo import add_parser as add_demo_parser
 from .verify import add_parser as add_verify_parser
 
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_verify_parser(sub)
     add_calibrate_parser(sub)
+    add_checkpoint_parser(sub)
 
     add_demo_parser(sub)
     return parser

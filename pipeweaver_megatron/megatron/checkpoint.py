@@ -1,6 +1,17 @@
 """Checkpoints of the training loop: one file per rank with its chunks (parameters named
 by (module, layer), so they map to any layout), the optimizer state, the iteration, and
-the RNG states; a resumed run continues with the next batch."""
+the RNG states; a resumed run continues with the next batch.
+
+[Note: checkpoint metadata] Format 2 adds ``meta`` to each rank's file, so a file says
+what it holds without the run's arguments: ``format``, ``model`` (the spec's name),
+``pp``/``tp``/``dp`` sizes and this file's ``pp_rank``/``tp_rank``/``dp_rank``, ``world``,
+``parts`` (per chunk, its ``[module, first_layer, last_layer]`` parts: this rank's stages
+of the run's layout) and ``params`` (per chunk, its parameter names in the order handed
+to the optimizer, whose state is keyed by that position). Loading checks ``parts``
+against the run's chunks, so a checkpoint of another layout fails with a clear error
+instead of loading partly; megatron/convert.py moves a checkpoint between layouts.
+Files without ``meta`` (format 1) load as before, unchecked.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +20,89 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+FORMAT = 2
+"""Version of the saved dict (see [Note: checkpoint metadata])."""
 
 
-def _path(root: str, iteration: int, rank: int) -> str:
+def rank_path(root: str, iteration: int, rank: int) -> str:
+    """The file of one global rank's state after `iteration` iterations."""
     return os.path.join(root, f"iter_{iteration:07d}", f"rank_{rank:05d}.pt")
+
+
+def chunk_parts(chunks) -> list[list[list]]:
+    """The parts of each chunk, as saved in meta["parts"]."""
+    return [[[p.module, p.first_layer, p.last_layer] for p in c.parts] for c in chunks]
+
+
+def describe_parts(parts: list[list[list]]) -> str:
+    """Saved parts as text, e.g. ``vision[0:8]+projector[0:1]+lm[0:3], lm[3:8]``."""
+    return ", ".join("+".join(f"{m}[{lo}:{hi}]" for m, lo, hi in chunk) for chunk in parts)
+
+
+def _meta(chunks) -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"format": FORMAT, "model": chunks[0].model.name,
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "dp_rank": ps.get_data_parallel_rank(),
+            "world": dist.get_world_size() if dist.is_initialized() else 1,
+            "parts": chunk_parts(chunks),
+            "params": [[name for name, _ in c.named_parameters()] for c in chunks]}
+
+
+def write_rank_file(path: str, state: dict) -> None:
+    """torch.save through a temporary file, so a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_latest(root: str, iteration: int) -> None:
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(str(iteration))
+
+
+def read_latest(root: str) -> int:
+    """The iteration named by root/latest."""
+    latest = os.path.join(root, "latest")
+    if not os.path.exists(latest):
+        raise FileNotFoundError(f"{root}: no checkpoint (missing {latest})")
+    with open(latest) as f:
+        return int(f.read().strip())
 
 
 def save_checkpoint(root: str, rank: int, iteration: int, chunks, optimizer) -> str:
     """Write this rank's state after `iteration` iterations; returns the file."""
-    path = _path(root, iteration, rank)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"iteration": iteration,
-                "chunks": [{k: v for k, v in c.state_dict().items() if isinstance(v, torch.Tensor)}
-                           for c in chunks],
-                "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(root, "latest"), "w") as f:
-        f.write(str(iteration))
+    path = rank_path(root, iteration, rank)
+    write_rank_file(path, {
+        "iteration": iteration,
+        "chunks": [{k: v for k, v in c.state_dict().items() if isinstance(v, torch.Tensor)}
+                   for c in chunks],
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate()},
+        "meta": _meta(chunks)})
+    write_latest(root, iteration)
     return path
 
 
 def load_checkpoint(root: str, rank: int, chunks, optimizer) -> int:
     """Restore this rank's state from the latest checkpoint; returns its iteration."""
-    latest = os.path.join(root, "latest")
-    if not os.path.exists(latest):
-        raise FileNotFoundError(f"{root}: no checkpoint (missing {latest})")
-    with open(latest) as f:
-        iteration = int(f.read().strip())
-    state = torch.load(_path(root, iteration, rank), weights_only=False)
+    iteration = read_latest(root)
+    path = rank_path(root, iteration, rank)
+    state = torch.load(path, weights_only=False)
+    meta = state.get("meta")
+    if meta is not None and meta["parts"] != chunk_parts(chunks):
+        raise ValueError(f"{path}: saved with chunks {describe_parts(meta['parts'])} on this "
+                         f"rank, the run has {describe_parts(chunk_parts(chunks))}: the "
+                         "checkpoint follows another layout (`pipeweaver checkpoint convert` "
+                         "moves it)")
     for chunk, saved in zip(chunks, state["chunks"], strict=True):
         chunk.load_state_dict(saved, strict=False)
     optimizer.load_state_dict(state["optimizer"])

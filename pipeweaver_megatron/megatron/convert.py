@@ -14,7 +14,7 @@ How the layouts are known (the files' ``meta``, see [Note: checkpoint metadata])
   holds layers of two transformer modules).
 - target: rebuilt as the resumed run builds it. Megatron's placement from the model and
   pp; PipeWeaver's from the chunk partitioner with the run's cost model (hardware,
-  calibration, tp) and first batch (workload, seed * 1000 + dp rank), as the planner
+  calibration, tp) and reference batch (plans.layout_reference: workload, seed), as the planner
   service cuts it, so pass the resumed run's values. A run whose layout differs refuses
   the checkpoint at load, naming both.
 - each target chunk's tensor names, optimizer order and shapes: the chunk built on the
@@ -44,7 +44,6 @@ from ..config import ModelSpec, load_model
 from ..ir import Layout, LayoutError, Part, Stage
 from ..schedules.placement import module_infos
 from ..service import baseline_layout
-from ..workload import sample_workload
 from .checkpoint import chunk_parts, describe_parts, rank_path, read_latest, write_latest, \
     write_rank_file
 
@@ -143,9 +142,9 @@ def convert_checkpoint(request: ConvertRequest) -> ConvertResult:
         groups.setdefault((f.meta["tp_rank"], f.meta["dp_rank"]), {})[f.meta["pp_rank"]] = f
     written, tensors, moved, source, target = [], 0, 0, None, None
     chunks: dict[Layout, list[_Chunk]] = {}
-    for (_, dp_rank), group in sorted(groups.items()):
+    for _, group in sorted(groups.items()):
         source = _source_layout(request, model, group)
-        target = _target_layout(request, model, parallel, dp_rank)
+        target = _target_layout(request, model, parallel)
         if target not in chunks:
             chunks[target] = _target_chunks(model, target, tp)
         states, n, m = _convert_group(request, group, target, chunks[target])
@@ -252,8 +251,8 @@ def _megatron_layout(kind: str, model: ModelSpec, pp: int) -> Layout:
     return baseline_layout(model, "megatron-1f1b" if kind == "megatron" else kind, pp)
 
 
-def _target_layout(request: ConvertRequest, model: ModelSpec, parallel: dict[str, int],
-                   dp_rank: int) -> Layout:
+def _target_layout(request: ConvertRequest, model: ModelSpec,
+                   parallel: dict[str, int]) -> Layout:
     """The layout the resumed run builds (PlanFeed and PlannerService.start)."""
     if request.target.startswith("megatron"):
         return _megatron_layout(request.target, model, request.pp)
@@ -261,18 +260,18 @@ def _target_layout(request: ConvertRequest, model: ModelSpec, parallel: dict[str
     from ..semu import load_calibration
     from ..service import ServiceSettings
     from ..service.worker import make_costs
+    from .plans import layout_reference
 
     calibration = load_calibration(request.calibration) if request.calibration else None
     hardware = request.hardware or (calibration.hardware if calibration else model.hardware)
-    batches = sample_workload(model, request.workload or model.dataset, 1,
-                              request.seed * 1000 + dp_rank)
+    reference = layout_reference(model, request.workload, request.seed)
     settings = ServiceSettings(model=request.model, parallel=parallel, hardware=hardware,
                                pp=request.pp, tp=parallel["tp"],
-                               calibration=request.calibration, reference=batches[0],
+                               calibration=request.calibration, reference=reference,
                                seed=request.seed)
     try:
         return partition(make_costs(settings, model), num_ranks=request.pp,
-                         reference=batches[0]).layout
+                         reference=reference).layout
     except PartitionError as exc:
         raise ConvertError(f"{model.name} has no pipeweaver layout for pp={request.pp}: "
                            f"{exc}") from None

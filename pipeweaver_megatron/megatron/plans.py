@@ -23,12 +23,11 @@ def replica_batches(args, model, dp_rank: int) -> list:
                            args.train_iters, args.seed * 1000 + dp_rank)
 
 
-def layout_reference(args, model):
+def layout_reference(model, workload: str | None, seed: int):
     """The batch the chunk partitioner takes typical shapes from: replica 0's first, on
     every replica, so all data-parallel replicas cut the same layout (their gradients
     are reduced parameter by parameter)."""
-    return sample_workload(model, getattr(args, "workload", None) or model.dataset, 1,
-                           args.seed * 1000)[0]
+    return sample_workload(model, workload or model.dataset, 1, seed * 1000)[0]
 
 
 @dataclass
@@ -66,7 +65,8 @@ class PlanFeed:
                 calibration=args.pipeweaver_calibration, pp=topo.pp, tp=topo.tp,
                 schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
                 workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
-                fallback=args.pipeweaver_fallback, reference=layout_reference(args, model),
+                fallback=args.pipeweaver_fallback, reference=layout_reference(model, getattr(args, "workload", None),
+                                           args.seed),
                 seed=args.seed,
                 faults={i: kind for kind, i in args.pipeweaver_inject_fault})
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced

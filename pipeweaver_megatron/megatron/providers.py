@@ -221,25 +221,23 @@ def start_run(args: argparse.Namespace) -> Run:
 
     from ..config import load_model
     from ..runtime import PipeWeaverSchedule
-    from ..workload import sample_workload
-    from .plans import PlanFeed
+    from .plans import PlanFeed, replica_batches
     from .trainer import Topology, run_parallel
 
     check_args(args)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     p_rank, d_rank = ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
     device = (torch.device(torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
+              else torch.get_default_device())
     topo = Topology(dist.get_rank(), dist.get_world_size(), tp, pp,
                     ps.get_data_parallel_world_size(), p_rank,
                     ps.get_tensor_model_parallel_rank(), d_rank, device)
     # As scripts/pretrain_lmm.py: --global-batch-size and --seq-length override the spec's
-    # microbatches per iteration and packing budget; replica d draws with seed * 1000 + d.
+    # microbatches per iteration and packing budget; replica d draws its own batches.
     parallel = run_parallel(args, topo)
     model = load_model(args.pipeweaver_model_config, parallel)
     rules = TokenRules.from_model(model)
-    batches = sample_workload(model, getattr(args, "workload", None) or model.dataset,
-                              args.train_iters, args.seed * 1000 + d_rank)
+    batches = replica_batches(args, model, d_rank)
     feed = PlanFeed(args, model, batches, topo, ps.get_model_parallel_group(), parallel)
     try:
         _check_layout(model, feed.layout, pp, ps.get_data_parallel_group())

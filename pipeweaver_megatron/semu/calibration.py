@@ -263,10 +263,15 @@ def _phase_json(f: PhaseFactors) -> dict[str, float]:
 
 def fit_phase(parts: "np.ndarray", measured: "np.ndarray") -> PhaseFactors:
     """measured ~ overhead + scale * (sum of the layer's op latencies), least squares on
-    relative error, one scale for every class. (Per-class scales overfit the few,
+    relative error, one scale (at least 1) for every class. (Per-class scales overfit the few,
     noisy layer timings of a CPU; the fields stay so a calibration may set them apart.)
     parts holds per shape the op latencies by class (gemm, attention, elementwise,
     other)."""
     parts, measured = np.asarray(parts, dtype=float), np.asarray(measured, dtype=float)
-    overhead, scale = fit_linear(parts.sum(axis=1), measured)
+    ops = parts.sum(axis=1)
+    overhead, scale = fit_linear(ops, measured)
+    if scale < 1.0:  # a layer runs its ops and more: timings taken under load say less
+        weights = 1.0 / measured**2
+        overhead = max(0.0, float(np.sum((measured - ops) * weights) / np.sum(weights)))
+        scale = 1.0
     return PhaseFactors(gemm=scale, attention=scale, elementwise=scale, overhead_s=overhead)

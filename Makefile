@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,15 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+	$(MAKE) bench-quick
+
+# The evaluation (benchmarks/run_all.py): every table and plot of docs/results, simulated
+# by SEMU and measured on this CPU. bench-quick is a smoke run (minutes) into build/.
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+bench-quick: venv
+	$(PY) benchmarks/run_all.py --quick --out build/bench-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -10,22 +10,21 @@ Steps, each adding one piece to the previous (all simulated by SEMU on the same 
 3. + reordering: MCTS over group priorities within --budget-ms;
 4. + memory optimisation: per-layer recompute/offload chosen per stage by the ILP.
 
-Usage: python benchmarks/planner_ablation.py [--iterations 20] [--budget-ms 500]
+Usage: python benchmarks/planner_ablation.py [--model vlm-s] [--iterations 20]
+       [--budget-ms 500] [--out docs/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
+from typing import Sequence
 
-from pipeweaver_megatron.config import get_hardware, load_model
-from pipeweaver_megatron.planner import SearchSettings, make_system
-from pipeweaver_megatron.semu import CostModel, simulate_workload
-from pipeweaver_megatron.workload import sample_workload
+from common import (SIMULATED, figure, grouped_bars, header, load_setup, parse, run_system,
+                    save_figure, table, write_report)
+from paper import ABLATION_S
+from pipeweaver_megatron.planner import SearchSettings
 
-PAPER = [26.13, 22.27, 18.81, 17.61, 16.05]
 STEPS = [
     ("Megatron-LM (megatron-vpp)", None),
     ("+ partitioner", SearchSettings(reorder=False, fill_bubbles=False, memory_optimization=False)),
@@ -35,44 +34,50 @@ STEPS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vlm-s")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--budget-ms", type=float, default=500.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="docs/results/planner_ablation.md")
-    args = parser.parse_args(argv)
-    model = load_model(args.model)
-    costs = CostModel(model, get_hardware(model.hardware))
-    batches = sample_workload(model, model.dataset, args.iterations, args.seed)
-    times = []
+    args, shown = parse(parser, argv)
+    setup = load_setup(args.model, args.iterations, args.seed)
+    times, peaks = [], []
     for label, settings in STEPS:
         name = "megatron-vpp" if settings is None else "pipeweaver"
-        plan = make_system(name, costs, batches[0], args.budget_ms, args.seed,
-                           settings or SearchSettings())
-        run = simulate_workload(costs, batches, plan, detail_first=False)
-        times.append(run.mean_iteration_time_s)
-        print(f"{label:28} {times[-1]:.3f} s  peak {max(run.peak_memory_gib):.1f} GiB", flush=True)
-    lines = [f"# Ablation ladder on {model.name} (simulated)", "",
-             f"Command: `python benchmarks/planner_ablation.py --model {args.model} --iterations "
-             f"{args.iterations} --budget-ms {args.budget_ms:g} --seed {args.seed}`", "",
-             f"SEMU predictions on {costs.hardware.name}, mean over {args.iterations} "
-             f"{model.dataset} batches. The paper's column is its measured VLM-S ladder.", "",
-             "| step | ours (s) | step gain | vs Megatron | paper (s) | paper vs Megatron |",
-             "|---|---|---|---|---|---|"]
+        done = run_system(setup, name, args.budget_ms, args.seed, settings or SearchSettings())
+        times.append(done.mean_s)
+        peaks.append(done.peak_gib)
+    paper = setup.model.name == "VLM-S"
+    lines = header(f"Ablation ladder on {setup.model.name}", "planner_ablation", shown,
+                   SIMULATED + f" Mean over {args.iterations} {setup.model.dataset} batches on "
+                   f"{setup.costs.hardware.name}." + (" The paper's column is its measured VLM-S "
+                                                      "ladder." if paper else ""))
+    rows = []
     for i, ((label, _), t) in enumerate(zip(STEPS, times)):
-        step = f"{times[i - 1] / t - 1:+.1%}" if i else ""
-        lines.append(f"| {label} | {t:.2f} | {step} | {times[0] / t - 1:+.1%} | {PAPER[i]:.2f} | "
-                     f"{PAPER[0] / PAPER[i] - 1:+.1%} |")
+        row = [label, f"{t:.2f}", f"{times[i - 1] / t - 1:+.1%}" if i else "",
+               f"{times[0] / t - 1:+.1%}", f"{peaks[i]:.1f}"]
+        if paper:
+            row += [f"{ABLATION_S[i]:.2f}", f"{ABLATION_S[0] / ABLATION_S[i] - 1:+.1%}"]
+        rows.append(row)
+    lines += table(["step", "ours (s)", "step gain", "vs Megatron", "peak GiB"]
+                   + (["paper (s)", "paper vs Megatron"] if paper else []), rows)
     improving = all(b < a for a, b in zip(times, times[1:]))
-    lines += ["", f"Every step improves on the one before: {'yes' if improving else 'no'}.", ""]
-    text = "\n".join(lines)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"steps": [s[0] for s in STEPS], "mean_iteration_time_s": times}, indent=1))
-    print(text)
+    stem = "planner_ablation" if args.model == "vlm-s" else f"planner_ablation_{args.model}"
+    lines += ["", f"Every step improves on the one before: {'yes' if improving else 'no'}.", "",
+              f"![ladder]({stem}.png)"]
+    write_report(args.out, stem, lines, {"model": setup.model.name,
+                                         "steps": [s[0] for s in STEPS],
+                                         "mean_iteration_time_s": times, "peak_memory_gib": peaks})
+    fig, ax = figure(8, 3.5)
+    series = {"ours (SEMU-predicted)": [times[0] / t - 1 for t in times]}
+    if paper:
+        series["paper (measured)"] = [ABLATION_S[0] / t - 1 for t in ABLATION_S]
+    grouped_bars(ax, [s[0].replace(" (megatron-vpp)", "") for s in STEPS],
+                 {k: [100 * v for v in vs] for k, vs in series.items()}, "faster than Megatron (%)")
+    ax.tick_params(axis="x", labelsize="small")
+    ax.set_title(f"Ablation ladder on {setup.model.name}")
+    save_figure(fig, args.out / f"{stem}.png")
     return 0
 
 

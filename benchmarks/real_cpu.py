@@ -16,18 +16,14 @@ Usage: python benchmarks/real_cpu.py [--iterations 20] [--rounds 2] [--budget-ms
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import types
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from common import figure, header, parse, save_figure, table, write_report
 from paper import SEMU_ACCURACY
@@ -38,27 +34,10 @@ KEPT = ("iteration", "iteration_time_s", "predicted_time_s", "rank_compute_s", "
 """Fields of each training-log record kept in real_cpu.json."""
 
 
-@contextlib.contextmanager
-def extra_flags(flags: list[str]) -> Iterator[None]:
-    """demo.run_training launches torchrun through demo.subprocess.run; append flags."""
-    def run(command, **kwargs):
-        return subprocess.run([*command, *flags], **kwargs)
-
-    original = demo.subprocess
-    demo.subprocess = types.SimpleNamespace(run=run, PIPE=subprocess.PIPE, STDOUT=subprocess.STDOUT)
-    try:
-        yield
-    finally:
-        demo.subprocess = original
-
-
 def train(schedule: str, args: argparse.Namespace, work: Path) -> list[dict]:
     """One training run of `schedule`; its JSON log records."""
-    flags = ["--pipeweaver-trace-dir", str(work)]
-    if "extra_args" in inspect.signature(demo.run_training).parameters:
-        return demo.run_training(schedule, args, work / "log.jsonl", extra_args=flags)
-    with extra_flags(flags):
-        return demo.run_training(schedule, args, work / "log.jsonl")
+    return demo.run_training(schedule, args, work / "log.jsonl",
+                             extra_args=["--pipeweaver-trace-dir", str(work)])
 
 
 def stage_of(action: str) -> tuple[int, str]:

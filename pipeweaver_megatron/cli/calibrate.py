@@ -1,32 +1,36 @@
-"""`pipeweaver calibrate`: fit SEMU's per-action runtime overhead from a training run's
---pipeweaver-trace-dir (see semu/runtime_fit.py)."""
+"""`pipeweaver calibrate`: fit SEMU's runtime terms (per-action overhead and scale, and
+the per-iteration overhead) from training runs' --pipeweaver-trace-dir (see
+semu/runtime_fit.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..semu import load_calibration
-from ..semu.runtime_fit import action_gaps, fit_action_overhead
+from ..semu.runtime_fit import fit_runtime, runtime_samples
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     calibration = load_calibration(args.calibration)
-    fitted = fit_action_overhead(calibration, args.trace_dir, args.skip)
-    gaps = action_gaps(args.trace_dir, args.skip)
+    fitted = fit_runtime(calibration, args.trace_dir, args.skip)
+    samples = runtime_samples(args.trace_dir, args.skip)
     fitted.save(args.out)
-    before, after = calibration.action_overhead_s, fitted.action_overhead_s
-    print(f"{len(gaps['F'])} forwards and {len(gaps['B'])} backwards matched; action overhead "
-          f"forward {before[0] * 1e3:.2f} -> {after[0] * 1e3:.2f} ms, backward "
-          f"{before[1] * 1e3:.2f} -> {after[1] * 1e3:.2f} ms; written to {args.out}")
+    (f0, b0), (f1, b1) = calibration.action_overhead_s, fitted.action_overhead_s
+    print(f"{len(samples.actions['F'])} forwards, {len(samples.actions['B'])} backwards and "
+          f"{len(samples.outside)} iterations matched; per action: forward {f0 * 1e3:.2f} -> "
+          f"{f1 * 1e3:.2f} ms + x{fitted.action_scale[0]:.3f}, backward {b0 * 1e3:.2f} -> "
+          f"{b1 * 1e3:.2f} ms + x{fitted.action_scale[1]:.3f}; per iteration "
+          f"{fitted.iteration_overhead_s * 1e3:.2f} ms; written to {args.out}")
 
 
 def add_parser(sub) -> None:
-    calibrate = sub.add_parser("calibrate", help="fit SEMU's per-action runtime overhead from "
-                                                 "a training run's trace directory")
-    calibrate.add_argument("--trace-dir", required=True,
-                           help="written by pretrain_lmm --pipeweaver-trace-dir")
+    calibrate = sub.add_parser("calibrate", help="fit SEMU's runtime terms from training "
+                                                 "runs' trace directories")
+    calibrate.add_argument("--trace-dir", required=True, action="append",
+                           help="written by pretrain_lmm --pipeweaver-trace-dir (repeat for "
+                                "several runs)")
     calibrate.add_argument("--calibration", required=True,
-                           help="the calibration the run predicted with")
+                           help="the calibration the runs predicted with")
     calibrate.add_argument("--out", required=True)
     calibrate.add_argument("--skip", type=int, default=1, help="warm-up iterations to ignore")
     calibrate.set_defaults(func=cmd_calibrate)

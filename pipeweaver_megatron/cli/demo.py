@@ -17,20 +17,24 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "docs" / "results" / "calibration_cpu_1thread.json"
 """SEMU fitted on this machine with one thread, as each torchrun rank runs: made by
 `OMP_NUM_THREADS=1 pipeweaver profile --device cpu --out docs/results/calibration_cpu_1thread.json`."""
 
 
-def run_training(schedule: str, args: argparse.Namespace, log: Path) -> list[dict]:
+def run_training(schedule: str, args: argparse.Namespace, log: Path,
+                 extra_args: Sequence[str] = ()) -> list[dict]:
+    """Train args.model on 2 local processes with `schedule`; returns its JSON log records.
+    extra_args: more pretrain_lmm flags (e.g. --pipeweaver-trace-dir)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(args.port),
                "-m", "pipeweaver_megatron.megatron.pretrain", "--pipeweaver",
                "--pipeweaver-model-config", args.model, "--pipeline-model-parallel-size", "2",
                "--train-iters", str(args.iterations), "--seed", str(args.seed),
                "--pipeweaver-schedule", schedule, "--pipeweaver-log", str(log),
-               "--pipeweaver-search-budget-ms", str(args.budget_ms)]
+               "--pipeweaver-search-budget-ms", str(args.budget_ms), *extra_args]
     if CALIBRATION.exists():
         command += ["--pipeweaver-calibration", str(CALIBRATION)]
     print(f"$ torchrun --nproc-per-node 2 scripts/pretrain_lmm.py ... --pipeweaver-schedule {schedule}",

@@ -134,7 +134,7 @@ def train(args) -> list[dict]:
                           microbatches=len(batch.microbatches))
             if args.pipeweaver_trace_dir:
                 _write_measured(args.pipeweaver_trace_dir, iteration, topo.rank,
-                                schedule.last_timeline, began)
+                                schedule.last_timeline, began, elapsed)
             records.append(record)
             if topo.rank == 0:
                 _report(args, record, progress.advance(elapsed))
@@ -214,13 +214,17 @@ def _measured(timeline: list, began: float) -> dict:
 
 
 def _write_measured(directory: str, iteration: int, rank: int, timeline: list,
-                    began: float) -> None:
-    """This rank's measured ops of one iteration, beside SEMU's predicted trace."""
+                    began: float, elapsed: float) -> None:
+    """This rank's measured ops of one iteration, beside SEMU's predicted trace; rank 0
+    adds the iteration's measured time (semu/runtime_fit.py reads both)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"measured_{iteration:06d}_rank{rank:04d}.json")
     with open(path, "w") as f:
         json.dump([{"op": op, "start_s": start - began, "end_s": end - began}
                    for _, op, start, end in timeline], f)
+    if rank == 0:
+        with open(os.path.join(directory, f"iteration_{iteration:06d}.json"), "w") as f:
+            json.dump({"iteration_time_s": elapsed}, f)
 
 
 def _report(args, record: dict, progress: str) -> None:

@@ -122,10 +122,20 @@ class Calibration:
     """Fixed seconds the runtime adds to every stage forward and backward (executor,
     chunk entry, autograd engine), fitted from measured training runs by
     `pipeweaver calibrate` (semu/runtime_fit.py); 0 until then."""
+    action_scale: tuple[float, float] = (1.0, 1.0)
+    """How much slower a stage forward / backward computes inside a training run than
+    its layers alone in the profiler (caches and memory bandwidth shared with the other
+    ranks), fitted with action_overhead_s; 1 until then."""
+    iteration_overhead_s: float = 0.0
+    """Seconds a training iteration spends outside its pipeline ops (plan check, data
+    iterator, loss reduction, optimizer launch), fitted by `pipeweaver calibrate`."""
 
     def __post_init__(self) -> None:
-        if min(self.action_overhead_s) < 0:
-            raise ValueError(f"action_overhead_s must be >= 0, got {self.action_overhead_s}")
+        if min(self.action_overhead_s) < 0 or self.iteration_overhead_s < 0:
+            raise ValueError(f"action_overhead_s and iteration_overhead_s must be >= 0, got "
+                             f"{self.action_overhead_s} and {self.iteration_overhead_s}")
+        if min(self.action_scale) <= 0:
+            raise ValueError(f"action_scale must be > 0, got {self.action_scale}")
         if not 0 < self.causal_fraction <= 1:
             raise ValueError(f"causal_fraction must be in (0, 1], got {self.causal_fraction}")
         if self.peak_flops < 0 or self.memory_bandwidth < 0:
@@ -156,6 +166,8 @@ class Calibration:
                                       "backward": _phase_json(f.backward)}
                                   for k, f in self.layer_factors.items()},
                 "action_overhead_s": list(self.action_overhead_s),
+                "action_scale": list(self.action_scale),
+                "iteration_overhead_s": self.iteration_overhead_s,
                 "measurements": self.measurements}
 
     def save(self, path: str | Path) -> None:
@@ -200,7 +212,9 @@ def load_calibration(path: str | Path) -> Calibration:
                            memory_bandwidth=float(data.get("memory_bandwidth", 0.0)),
                            causal_fraction=float(data.get("causal_fraction", 0.5)),
                            layer_factors=layers,
-                           action_overhead_s=_pair(data.get("action_overhead_s", (0.0, 0.0))))
+                           action_overhead_s=_pair(data.get("action_overhead_s", (0.0, 0.0))),
+                           action_scale=_pair(data.get("action_scale", (1.0, 1.0))),
+                           iteration_overhead_s=float(data.get("iteration_overhead_s", 0.0)))
     except (ValueError, TypeError) as exc:
         raise CalibrationError(f"{path}: {exc}") from None
 

@@ -181,7 +181,10 @@ class CostModel:
             out = self.parallel.dtype_bytes * last.output_tokens * last.output_hidden
             out /= self.parallel.seq_shard
         forward_extra, backward_extra = self.calibration.action_overhead_s
-        return StageCost(forward_s=times[Phase.FORWARD] + forward_extra,
-                         backward_input_s=times[Phase.BACKWARD_INPUT] + backward_extra,
-                         backward_weight_s=times[Phase.BACKWARD_WEIGHT], recompute_s=again,
+        forward_scale, backward_scale = self.calibration.action_scale
+        return StageCost(forward_s=times[Phase.FORWARD] * forward_scale + forward_extra,
+                         backward_input_s=times[Phase.BACKWARD_INPUT] * backward_scale
+                         + backward_extra,
+                         backward_weight_s=times[Phase.BACKWARD_WEIGHT] * backward_scale,
+                         recompute_s=again * forward_scale,
                          saved_bytes=saved, output_bytes=out, model_flops=flops)

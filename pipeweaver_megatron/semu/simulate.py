@@ -230,6 +230,7 @@ def _result(costs, table, flat, order, compiled: _Compiled, timeline, stage_rank
     dp_bw = hw.intra_node_bandwidth if costs.parallel.tp * par.dp <= hw.gpus_per_node \
         else hw.inter_node_bandwidth
     start, end = timeline.start, timeline.end
+    fixed = costs.calibration.iteration_overhead_s
     busy, dp_time, opt_time, finish, peaks, lines = [], [], [], [], [], []
     duration, saved, deps = compiled.duration, compiled.saved, compiled.deps
     buffers = _p2p_buffers(compiled, timeline, len(order))
@@ -240,7 +241,7 @@ def _result(costs, table, flat, order, compiled: _Compiled, timeline, stage_rank
         dp_time.append(0.0 if par.dp == 1 or not params else
                        coll.overhead_s + coll.a_n * 2 * (par.dp - 1) / par.dp * grads / dp_bw)
         opt_time.append(elem.a_m * ADAM_TRAFFIC_BYTES * params / shards / hw.memory_bandwidth)
-        finish.append(timeline.rank_end[rank] + dp_time[-1] + opt_time[-1])
+        finish.append(timeline.rank_end[rank] + dp_time[-1] + opt_time[-1] + fixed)
         events = buffers[rank]
         events += [(start[i], 1, saved[i]) if saved[i] >= 0 else (end[i], 0, saved[i])
                    for i in idx]
@@ -266,7 +267,7 @@ def _result(costs, table, flat, order, compiled: _Compiled, timeline, stage_rank
                 transfers.append((src, dst, end[j], end[j] + delay, f"{flat[j]}->{flat[i]}"))
     return SimResult(
         iteration_time_s=iteration, pipeline_time_s=makespan,
-        lower_bound_s=max(b + d + o for b, d, o in zip(busy, dp_time, opt_time)),
+        lower_bound_s=max(b + d + o for b, d, o in zip(busy, dp_time, opt_time)) + fixed,
         bubble_ratio=1 - sum(busy) / (len(order) * makespan) if makespan else 0.0,
         mfu=3 * compiled.flops / (iteration * gpus * hw.peak_flops) if iteration else 0.0,
         busy_s=tuple(busy), dp_time_s=tuple(dp_time), optimizer_time_s=tuple(opt_time),

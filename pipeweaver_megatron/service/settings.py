@@ -67,7 +67,7 @@ class ServiceSettings:
     """Worker restarts allowed over the service's life; beyond, every batch falls back."""
     startup_timeout_s: float = 120.0
     """How long `start` waits for the workers to be ready."""
-    niceness: int = 10
+    niceness: int = 19
     """Workers lower their scheduling priority by this much (0: unchanged), so planning
     uses spare cores and never slows the training ranks it plans for."""
     faults: Mapping[int, str] = field(default_factory=dict)

@@ -88,7 +88,7 @@ def add_parser(sub) -> None:
     demo = sub.add_parser("demo", help="the main job: train tiny-vlm with PipeWeaver and with "
                                        "Megatron 1F1B on 2 CPU processes and compare")
     demo.add_argument("--model", default="tiny-vlm")
-    demo.add_argument("--iterations", type=int, default=8)
+    demo.add_argument("--iterations", type=int, default=12)
     demo.add_argument("--seed", type=int, default=1234)
     demo.add_argument("--budget-ms", type=float, default=100.0,
                       help="search budget per plan (small: the 2 cores also train)")

@@ -71,7 +71,7 @@ def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | N
     """Entry point of a spawned worker (tasks, results: multiprocessing connections)."""
     if settings.niceness and hasattr(os, "nice"):
         os.nice(settings.niceness)  # spare CPU only: training ranks keep their cores
-    if hasattr(os, "SCHED_IDLE"):
+    if settings.niceness and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:
         planner = BatchPlanner(settings, chunks)

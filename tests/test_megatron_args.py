@@ -92,6 +92,7 @@ def test_install_also_rebinds_megatron_training():
 @pytest.mark.parametrize("flags, message", [
     (["--micro-batch-size", "2"], "one packed sequence"),
     (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
+    (["--use-distributed-optimizer", "--save", "ckpt"], "sharded state"),
 ])
 def test_pretrain_rejects_flags_it_cannot_honour(flags, message, capsys):
     from pipeweaver_megatron.megatron.pretrain import parse as parse_pretrain

@@ -56,6 +56,10 @@ def parse(argv=None) -> argparse.Namespace:
                      "one packed sequence of samples (--seq-length tokens); use 1")
     if args.clip_grad < 0:
         parser.error(f"--clip-grad must be >= 0, got {args.clip_grad}")
+    if args.use_distributed_optimizer and (args.save or args.load):
+        parser.error("--save/--load with --use-distributed-optimizer: this entry point does not "
+                     "yet save the distributed optimizer's sharded state; train without it or "
+                     "without checkpoints")
     return args
 
 

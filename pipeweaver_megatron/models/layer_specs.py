@@ -71,17 +71,17 @@ _FUSED_NORMS = (
 
 def local_name(name: str) -> str:
     """A parameter's local-spec name, given its local or Transformer Engine name."""
-    for local, fused in _FUSED_NORMS:
-        head, found, tail = name.partition(fused)
-        if found and tail in ("weight", "bias"):
-            return f"{head}{local}{tail}"
-    return name
+    return _swap(name, 1, 0)
 
 
 def te_name(name: str) -> str:
     """A parameter's Transformer Engine name, given its local-spec name."""
-    for local, fused in _FUSED_NORMS:
-        head, found, tail = name.partition(local)
+    return _swap(name, 0, 1)
+
+
+def _swap(name: str, source: int, target: int) -> str:
+    for pair in _FUSED_NORMS:
+        head, found, tail = name.partition(pair[source])
         if found and tail in ("weight", "bias"):
-            return f"{head}{fused}{tail}"
+            return f"{head}{pair[target]}{tail}"
     return name

@@ -20,7 +20,8 @@ HARDWARE = get_hardware(MODEL.hardware)
 
 
 def write_run(directory, extra_forward: float, extra_backward: float, iterations: int = 3,
-              scale: tuple[float, float] = (1.0, 1.0), outside: float = 0.0):
+              scale: tuple[float, float] = (1.0, 1.0), outside: float = 0.0,
+              kind_scale: dict | None = None):
     """Predicted traces and 'measured' ops that take scale * the prediction plus known
     extras, and iterations that take `outside` more than their longest rank."""
     costs = CostModel(MODEL, HARDWARE)
@@ -34,8 +35,9 @@ def write_run(directory, extra_forward: float, extra_backward: float, iterations
             ops, clock = [], 0.002  # the first op starts a little after the iteration
             for action, start, end in zip(actions, result.starts[rank], result.ends[rank]):
                 forward = action.op.name == "F"
-                took = (end - start) * scale[0 if forward else 1] + \
-                    (extra_forward if forward else extra_backward)
+                kind = "+".join(table.layout.stages[action.stage].modules)
+                slower = scale[0 if forward else 1] * (kind_scale or {}).get(kind, 1.0)
+                took = (end - start) * slower + (extra_forward if forward else extra_backward)
                 ops.append({"op": f"Compute({action})", "start_s": clock, "end_s": clock + took})
                 clock += took
             longest = max(longest, clock - 0.002)
@@ -107,3 +109,25 @@ def test_the_iteration_overhead_adds_to_every_iteration_and_its_bound():
     assert fixed.iteration_time_s == pytest.approx(plain.iteration_time_s + 0.01)
     assert fixed.lower_bound_s == pytest.approx(plain.lower_bound_s + 0.01)
     assert fixed.pipeline_time_s == pytest.approx(plain.pipeline_time_s)
+
+
+def test_chunk_kinds_get_terms_of_their_own(tmp_path):
+    """Stages that hold the LM alone run 1.2x slower than the rest: their kind's scale
+    says so, the others' stay 1, and SEMU prices each kind with its own terms."""
+    layout = build_baseline(MODEL, "megatron-1f1b", 8, pp=2).layout
+    kinds = {"+".join(stage.modules) for stage in layout.stages}
+    assert "lm" in kinds and len(kinds) == 2
+    write_run(tmp_path, 0.002, 0.003, iterations=4, kind_scale={"lm": 1.2})
+    fitted = fit_runtime(Calibration(hardware="cpu"), [tmp_path], skip=0)
+    assert set(fitted.chunk_runtime) == kinds
+    for kind in kinds:
+        terms = fitted.chunk_runtime[kind]
+        want = 1.2 if kind == "lm" else 1.0
+        assert terms.scale == pytest.approx((want, want), rel=1e-4), kind
+        assert terms.overhead_s == pytest.approx((0.002, 0.003), abs=2e-6), kind
+    shape = {"lm": ModuleShape((128, 64))}
+    plain = CostModel(MODEL, HARDWARE).stage_cost((Part("lm", 0, 2),), shape)
+    priced = CostModel(MODEL, HARDWARE, fitted).stage_cost((Part("lm", 0, 2),), shape)
+    assert priced.forward_s == pytest.approx(1.2 * plain.forward_s + 0.002, rel=1e-4)
+    fitted.save(tmp_path / "c.json")
+    assert load_calibration(tmp_path / "c.json").chunk_runtime == fitted.chunk_runtime

@@ -21,6 +21,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           f"{f1 * 1e3:.2f} ms + x{fitted.action_scale[0]:.3f}, backward {b0 * 1e3:.2f} -> "
           f"{b1 * 1e3:.2f} ms + x{fitted.action_scale[1]:.3f}; per iteration "
           f"{fitted.iteration_overhead_s * 1e3:.2f} ms; written to {args.out}")
+    for kind, terms in fitted.chunk_runtime.items():
+        (f, b), (fs, bs) = terms.overhead_s, terms.scale
+        print(f"  chunk {kind}: forward {f * 1e3:.2f} ms + x{fs:.3f}, backward {b * 1e3:.2f} ms "
+              f"+ x{bs:.3f}")
 
 
 def add_parser(sub) -> None:

@@ -4,10 +4,11 @@ Per process: distributed init (NCCL when CUDA is present, gloo otherwise), megat
 parallel_state (TP, PP, DP), the rank's LMM chunks for its stages of the run's layout,
 gradient reduction and an optimizer (megatron-core's DDP and optimizer on CUDA, torch
 Adam with a DP all-reduce on the host: megatron/optim.py), and a loop. Each iteration
-the first rank of the model-parallel group takes the plan of the next global batch (from the planner service, or the fallback
-schedule) and broadcasts it to the group; every rank runs forward_backward_pipeweaver
-on synthetic data whose metadata follows the workload, reduces gradients over data
-parallelism, divides them by the batch's loss tokens, and steps. Logs: a line per
+the first rank of the model-parallel group takes the plan of the next global batch
+(from the planner service, or the fallback schedule) and broadcasts it to the group;
+every rank runs forward_backward_pipeweaver on synthetic data whose metadata follows the
+workload, reduces gradients over data parallelism, divides them by the batch's loss
+tokens, and steps. Logs: a line per
 iteration, and JSON lines with --pipeweaver-log.
 """
 

@@ -95,6 +95,15 @@ DEFAULT_FACTORS: dict[OpClass, ClassFactors] = {
 }
 
 
+@dataclass(frozen=True)
+class RuntimeTerms:
+    """What the runtime adds to SEMU's compute time of one stage action, per phase
+    (forward, backward): time = overhead + scale * compute."""
+
+    overhead_s: tuple[float, float] = (0.0, 0.0)
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
     """Efficiency factors for one machine, optionally with measured peaks."""
@@ -129,6 +138,17 @@ class Calibration:
     iteration_overhead_s: float = 0.0
     """Seconds a training iteration spends outside its pipeline ops (plan check, data
     iterator, loss reduction, optimizer launch), fitted by `pipeweaver calibrate`."""
+    chunk_runtime: dict[str, "RuntimeTerms"] = field(default_factory=dict)
+    """Per chunk kind (its modules joined by "+", e.g. "vision+projector+lm"): runtime
+    terms fitted for that kind alone, used instead of action_overhead_s / action_scale
+    (a chunk's parts each add their own entry and glue, which one global pair averages)."""
+
+    def runtime_terms(self, modules: str) -> "RuntimeTerms":
+        """The runtime terms of a chunk kind (the global ones when not fitted apart)."""
+        found = self.chunk_runtime.get(modules)
+        if found is not None:
+            return found
+        return RuntimeTerms(self.action_overhead_s, self.action_scale)
 
     def __post_init__(self) -> None:
         if min(self.action_overhead_s) < 0 or self.iteration_overhead_s < 0:
@@ -136,6 +156,10 @@ class Calibration:
                              f"{self.action_overhead_s} and {self.iteration_overhead_s}")
         if min(self.action_scale) <= 0:
             raise ValueError(f"action_scale must be > 0, got {self.action_scale}")
+        for kind, terms in self.chunk_runtime.items():
+            if min(terms.overhead_s) < 0 or min(terms.scale) <= 0:
+                raise ValueError(f"chunk_runtime.{kind}: overheads must be >= 0 and scales "
+                                 f"> 0, got {terms}")
         if not 0 < self.causal_fraction <= 1:
             raise ValueError(f"causal_fraction must be in (0, 1], got {self.causal_fraction}")
         if self.peak_flops < 0 or self.memory_bandwidth < 0:
@@ -168,6 +192,8 @@ class Calibration:
                 "action_overhead_s": list(self.action_overhead_s),
                 "action_scale": list(self.action_scale),
                 "iteration_overhead_s": self.iteration_overhead_s,
+                "chunk_runtime": {k: {"overhead_s": list(t.overhead_s), "scale": list(t.scale)}
+                                  for k, t in self.chunk_runtime.items()},
                 "measurements": self.measurements}
 
     def save(self, path: str | Path) -> None:
@@ -214,7 +240,10 @@ def load_calibration(path: str | Path) -> Calibration:
                            layer_factors=layers,
                            action_overhead_s=_pair(data.get("action_overhead_s", (0.0, 0.0))),
                            action_scale=_pair(data.get("action_scale", (1.0, 1.0))),
-                           iteration_overhead_s=float(data.get("iteration_overhead_s", 0.0)))
+                           iteration_overhead_s=float(data.get("iteration_overhead_s", 0.0)),
+                           chunk_runtime={str(k): RuntimeTerms(_pair(v["overhead_s"]),
+                                                               _pair(v["scale"]))
+                                          for k, v in (data.get("chunk_runtime") or {}).items()})
     except (ValueError, TypeError) as exc:
         raise CalibrationError(f"{path}: {exc}") from None
 

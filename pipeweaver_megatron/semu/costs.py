@@ -180,8 +180,9 @@ class CostModel:
         if last is not None:
             out = self.parallel.dtype_bytes * last.output_tokens * last.output_hidden
             out /= self.parallel.seq_shard
-        forward_extra, backward_extra = self.calibration.action_overhead_s
-        forward_scale, backward_scale = self.calibration.action_scale
+        terms = self.calibration.runtime_terms("+".join(p.module for p in parts))
+        forward_extra, backward_extra = terms.overhead_s
+        forward_scale, backward_scale = terms.scale
         return StageCost(forward_s=times[Phase.FORWARD] * forward_scale + forward_extra,
                          backward_input_s=times[Phase.BACKWARD_INPUT] * backward_scale
                          + backward_extra,

@@ -8,7 +8,9 @@ iteration's measured time (iteration_<iteration>.json). From them:
 - per phase (forward, backward), every compute action present in both gives a pair
   (SEMU's compute time without the runtime terms, measured time); a least-squares fit on
   relative error of measured = overhead + scale * compute gives action_overhead_s and
-  action_scale (overhead >= 0, scale > 0);
+  action_scale (overhead >= 0, scale > 0) over all actions, and chunk_runtime per chunk
+  kind (its modules, e.g. "vision+projector+lm") with at least MIN_ACTIONS actions of
+  each phase;
 - per iteration, the measured time minus the longest rank's span from its first to its
   last op is what the iteration spends outside the pipeline; its median is
   iteration_overhead_s.
@@ -26,8 +28,10 @@ from pathlib import Path
 from statistics import median
 from typing import Iterable
 
-from .calibration import Calibration, CalibrationError, fit_linear
+from .calibration import Calibration, CalibrationError, RuntimeTerms, fit_linear
 
+MIN_ACTIONS = 20
+"""Actions per phase a chunk kind needs for terms of its own."""
 _ACTION = re.compile(r"^(\d+)([FB])(\d+)(?:\.(\d+))?$")
 _MEASURED = re.compile(r"^measured_(\d+)_rank(\d+)\.json$")
 
@@ -36,15 +40,16 @@ _MEASURED = re.compile(r"^measured_(\d+)_rank(\d+)\.json$")
 class RuntimeSamples:
     """What the traces say about the runtime."""
 
-    actions: dict[str, list[tuple[float, float]]]
-    """Per phase ("F", "B"): (predicted, measured) seconds of every matched action."""
+    actions: dict[str, list[tuple[str, float, float]]]
+    """Per phase ("F", "B"): (chunk kind, predicted, measured seconds) of every matched
+    action."""
     outside: list[float]
     """Per iteration: measured time outside the longest rank's first-to-last op span."""
 
 
 def runtime_samples(directories: Iterable[str | Path], skip: int = 1) -> RuntimeSamples:
     """Every matched action and every iteration of the trace directories."""
-    actions: dict[str, list[tuple[float, float]]] = {"F": [], "B": []}
+    actions: dict[str, list[tuple[str, float, float]]] = {"F": [], "B": []}
     outside: list[float] = []
     for directory in map(Path, directories):
         spans: dict[str, list[float]] = {}
@@ -63,7 +68,8 @@ def runtime_samples(directories: Iterable[str | Path], skip: int = 1) -> Runtime
                 name = op["op"][len("Compute("):-1] if op["op"].startswith("Compute(") else None
                 if name in predicted:
                     phase = _ACTION.match(name).group(2)
-                    actions[phase].append((predicted[name], op["end_s"] - op["start_s"]))
+                    kind, seconds = predicted[name]
+                    actions[phase].append((kind, seconds, op["end_s"] - op["start_s"]))
         for iteration, found in spans.items():
             path = directory / f"iteration_{iteration}.json"
             if path.exists():
@@ -72,13 +78,14 @@ def runtime_samples(directories: Iterable[str | Path], skip: int = 1) -> Runtime
     return RuntimeSamples(actions, outside)
 
 
-def _predicted(path: Path) -> dict[str, float]:
+def _predicted(path: Path) -> dict[str, tuple[str, float]]:
+    """Action -> (chunk kind, predicted seconds)."""
     events = json.loads(path.read_text()).get("traceEvents", [])
     out = {}
     for event in events:
         name = str(event.get("name", "")).split(" ")[0]
         if event.get("ph") == "X" and _ACTION.match(name):
-            out[name] = event["dur"] / 1e6
+            out[name] = (str(event.get("args", {}).get("module", "")), event["dur"] / 1e6)
     return out
 
 
@@ -92,13 +99,30 @@ def fit_runtime(calibration: Calibration, directories: Iterable[str | Path],
         raise CalibrationError(f"{', '.join(map(str, directories))}: no measured forward and "
                                "backward actions to match with predictions (run pretrain_lmm "
                                "with --pipeweaver-trace-dir)")
-    fitted = []
-    for phase, old_overhead, old_scale in zip("FB", calibration.action_overhead_s,
-                                              calibration.action_scale):
-        pairs = samples.actions[phase]
-        compute = [max((p - old_overhead) / old_scale, 1e-9) for p, _ in pairs]
-        fitted.append(fit_linear(compute, [m for _, m in pairs]))
-    (forward, forward_scale), (backward, backward_scale) = fitted
+    overall = _fit(calibration, samples.actions, None)
+    kinds = {kind for pairs in samples.actions.values() for kind, _, _ in pairs}
+    chunks = {}
+    for kind in sorted(kinds):
+        if all(sum(k == kind for k, _, _ in samples.actions[p]) >= MIN_ACTIONS for p in "FB"):
+            chunks[kind] = _fit(calibration, samples.actions, kind)
     iteration = median(samples.outside) if samples.outside else calibration.iteration_overhead_s
-    return replace(calibration, action_overhead_s=(forward, backward),
-                   action_scale=(forward_scale, backward_scale), iteration_overhead_s=iteration)
+    return replace(calibration, action_overhead_s=overall.overhead_s, action_scale=overall.scale,
+                   iteration_overhead_s=iteration, chunk_runtime=chunks)
+
+
+def _fit(calibration: Calibration, actions: dict, kind: str | None) -> RuntimeTerms:
+    """Runtime terms of one chunk kind (None: every action), each prediction first
+    stripped of the terms it was made with."""
+    overheads, scales = [], []
+    for index, phase in enumerate("FB"):
+        compute, measured = [], []
+        for chunk, predicted, took in actions[phase]:
+            if kind is not None and chunk != kind:
+                continue
+            prior = calibration.runtime_terms(chunk)
+            compute.append(max((predicted - prior.overhead_s[index]) / prior.scale[index], 1e-9))
+            measured.append(took)
+        overhead, scale = fit_linear(compute, measured)
+        overheads.append(overhead)
+        scales.append(scale)
+    return RuntimeTerms(tuple(overheads), tuple(scales))

@@ -108,3 +108,31 @@ def test_te_chunk_matches_the_local_reference(name):
     assert grads_a.keys() == grads_b.keys()
     for key in grads_a:
         torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_checkpoints_keep_local_names_and_load_under_either(tmp_path):
+    """A rank file holds the local spec's names; a file written with TE's names (what a
+    run under the TE spec saved before) loads by meaning; a missing tensor is an error
+    naming the file."""
+    from pipeweaver_megatron.megatron.checkpoint import load_checkpoint, save_checkpoint
+
+    model = load_model("tiny-vlm")
+    chunk = build_reference(model, seed=SEED, use_te=False)
+    optimizer = torch.optim.Adam(chunk.parameters())
+    path = save_checkpoint(str(tmp_path), 0, 3, [chunk], optimizer)
+    state = torch.load(path, weights_only=False)
+    assert set(state["chunks"][0]) == set(tensors(chunk))
+    assert all(local_name(n) == n for n in state["meta"]["params"][0])
+
+    state["chunks"][0] = {te_name(k): v for k, v in state["chunks"][0].items()}
+    torch.save(state, path)
+    fresh = build_reference(model, seed=SEED + 1, use_te=False)
+    assert load_checkpoint(str(tmp_path), 0, [fresh], torch.optim.Adam(fresh.parameters())) == 3
+    got, want = tensors(fresh), tensors(chunk)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    dropped = next(iter(state["chunks"][0]))
+    del state["chunks"][0][dropped]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"rank_00000\.pt: chunk .* does not match"):
+        load_checkpoint(str(tmp_path), 0, [fresh], torch.optim.Adam(fresh.parameters()))

@@ -10,7 +10,9 @@ of the run's layout) and ``params`` (per chunk, its parameter names in the order
 to the optimizer, whose state is keyed by that position). Loading checks ``parts``
 against the run's chunks, so a checkpoint of another layout fails with a clear error
 instead of loading partly; megatron/convert.py moves a checkpoint between layouts.
-Files without ``meta`` (format 1) load as before, unchecked.
+Files without ``meta`` (format 1) load as before, unchecked. Tensor and parameter names
+are the local layer spec's in every file, whichever spec saved it, so a run with
+Transformer Engine resumes a CPU run's checkpoint and back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..models.layer_specs import local_name
 
 FORMAT = 2
 """Version of the saved dict (see [Note: checkpoint metadata])."""
@@ -53,7 +57,7 @@ def _meta(chunks) -> dict:
             "dp_rank": ps.get_data_parallel_rank(),
             "world": dist.get_world_size() if dist.is_initialized() else 1,
             "parts": chunk_parts(chunks),
-            "params": [[name for name, _ in c.named_parameters()] for c in chunks]}
+            "params": [[local_name(name) for name, _ in c.named_parameters()] for c in chunks]}
 
 
 def write_rank_file(path: str, state: dict) -> None:
@@ -82,8 +86,8 @@ def save_checkpoint(root: str, rank: int, iteration: int, chunks, optimizer) -> 
     path = rank_path(root, iteration, rank)
     write_rank_file(path, {
         "iteration": iteration,
-        "chunks": [{k: v for k, v in c.state_dict().items() if isinstance(v, torch.Tensor)}
-                   for c in chunks],
+        "chunks": [{local_name(k): v for k, v in c.state_dict().items()
+                    if isinstance(v, torch.Tensor)} for c in chunks],
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate()},
@@ -104,9 +108,22 @@ def load_checkpoint(root: str, rank: int, chunks, optimizer) -> int:
                          "checkpoint follows another layout (`pipeweaver checkpoint convert` "
                          "moves it)")
     for chunk, saved in zip(chunks, state["chunks"], strict=True):
-        chunk.load_state_dict(saved, strict=False)
+        _load_chunk(path, chunk, saved)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     return iteration
+
+
+def _load_chunk(path: str, chunk, saved: dict) -> None:
+    """Load one chunk's tensors saved under either layer spec's names (files keep the
+    local spec's, [Note: TE parameter names]); every parameter must be there."""
+    own = {local_name(k): k for k in chunk.state_dict()}
+    renamed = {own.get(local_name(k), k): v for k, v in saved.items()}
+    missing, unexpected = chunk.load_state_dict(renamed, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: chunk {chunk.describe()} does not match the saved tensors "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -158,9 +158,12 @@ def _layer_bounds(costs: CostModel, name: str, chunks: int, unit: ModuleShape) -
     layers = costs.model.module(name).num_layers
     shape = {name: unit}
 
+    # A chunk pays the runtime's per-action overhead once, not once per layer.
+    fixed = sum(costs.calibration.runtime_terms(name).overhead_s)
+
     def micros(lo: int) -> int:
         cost = costs.stage_cost((Part(name, lo, lo + 1),), shape)
-        return max(1, round((cost.forward_s + cost.backward_s) * 1e6))
+        return max(1, round((cost.forward_s + cost.backward_s - fixed) * 1e6))
 
     middle = micros(1) if layers > 2 else 0
     weights = [micros(0)] + [middle] * (layers - 2) + ([micros(layers - 1)] if layers > 1 else [])

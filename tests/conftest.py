@@ -38,3 +38,17 @@ def vlm_s():
 @pytest.fixture(scope="session")
 def tiny_vlm():
     return load_model("tiny-vlm")
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """A one-process gloo world with megatron-core's parallel_state (TP = PP = 1) for the
+    tests of a module; torch and megatron are imported only by modules that use it."""
+    import warnings
+
+    from pipeweaver_megatron.models import init_single_process, teardown
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    init_single_process(seed=1234)
+    yield
+    teardown()

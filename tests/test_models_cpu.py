@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import pytest
 
@@ -18,18 +17,13 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from pipeweaver_megatron.config import load_model  # noqa: E402
 from pipeweaver_megatron.models import (  # noqa: E402
-    SDPAttention, build_layer, init_single_process, teardown, transformer_config,
+    SDPAttention, build_layer, transformer_config,
 )
 
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def megatron_cpu():
-    warnings.filterwarnings("ignore", category=UserWarning)
-    init_single_process(seed=1234)
-    yield
-    teardown()
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ skipped elsewhere, with the reason."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 
@@ -16,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from pipeweaver_megatron.config import load_model  # noqa: E402
-from pipeweaver_megatron.models import init_single_process, te_usable, teardown  # noqa: E402
+from pipeweaver_megatron.models import te_usable  # noqa: E402
 from pipeweaver_megatron.models.attention import SDPAttention  # noqa: E402
 from pipeweaver_megatron.models.data import microbatch_data  # noqa: E402
 from pipeweaver_megatron.models.layer_specs import local_name, te_name  # noqa: E402
@@ -26,12 +25,7 @@ from pipeweaver_megatron.workload import TokenRules, sample_workload  # noqa: E4
 SEED = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def megatron_cpu():
-    warnings.filterwarnings("ignore", category=UserWarning)
-    init_single_process(seed=1234)
-    yield
-    teardown()
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
 
 def tensors(chunk) -> dict:

@@ -53,11 +53,14 @@ class Training:
                 chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def reduce(self, tokens: float, dp_group) -> None:
-        """Host path: sum gradients over DP, divide by all loss tokens (the CUDA path did
-        this in finalize_pipeweaver_grads, inside forward_backward)."""
+    def reduce(self, tokens: float, dp_group, clip_grad: float = 0.0) -> None:
+        """Host path: sum gradients over DP, divide by all loss tokens, clip the global
+        norm to clip_grad (0: off). The CUDA path did the first two in
+        finalize_pipeweaver_grads, inside forward_backward, and its optimizer clips."""
         if not self.megatron_core:
             reduce_host_gradients(self.params, tokens, dp_group)
+            if clip_grad:
+                clip_host_gradients(self.params, clip_grad)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -139,3 +142,23 @@ def reduce_host_gradients(params: list, tokens: float, dp_group) -> None:
         if world > 1:
             dist.all_reduce(p.grad, group=dp_group)
         p.grad.div_(tokens)
+
+
+def clip_host_gradients(params: list, max_norm: float) -> float:
+    """Clip the global gradient norm over the model-parallel group (host path; on CUDA
+    megatron-core's optimizer clips). A parameter replicated over tensor parallelism
+    counts once. Returns the norm before clipping."""
+    from megatron.core import parallel_state
+
+    t_rank = parallel_state.get_tensor_model_parallel_rank()
+    total = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+    for p in params:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or t_rank == 0):
+            total += p.grad.double().square().sum()
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    norm = float(total.sqrt().item())
+    if norm > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm

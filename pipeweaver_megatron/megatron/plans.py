@@ -59,15 +59,14 @@ class PlanFeed:
                 if args.pipeweaver_calibration else None
             hardware = args.pipeweaver_hardware or (calibration.hardware if calibration
                                                     else model.hardware)
+            reference = layout_reference(model, getattr(args, "workload", None), args.seed)
             settings = ServiceSettings(
                 model=args.pipeweaver_model_config, parallel=dict(parallel or {}),
-                hardware=hardware,
-                calibration=args.pipeweaver_calibration, pp=topo.pp, tp=topo.tp,
-                schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
-                workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
-                fallback=args.pipeweaver_fallback, reference=layout_reference(model, getattr(args, "workload", None),
-                                           args.seed),
-                seed=args.seed,
+                hardware=hardware, calibration=args.pipeweaver_calibration, pp=topo.pp,
+                tp=topo.tp, schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
+                workers=args.pipeweaver_planner_workers,
+                timeout_ms=args.pipeweaver_plan_timeout_ms, fallback=args.pipeweaver_fallback,
+                reference=reference, seed=args.seed,
                 faults={i: kind for kind, i in args.pipeweaver_inject_fault})
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
             self.service = PlannerService(settings).start()

@@ -215,61 +215,22 @@ def current_run(args: argparse.Namespace | None = None) -> Run:
 def start_run(args: argparse.Namespace) -> Run:
     """Model spec, this replica's batches, the plan feed and the schedule. Needs
     torch.distributed and parallel_state (Megatron's initialize_megatron sets them up)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from ..config import load_model
-    from ..runtime import PipeWeaverSchedule
-    from .plans import PlanFeed, replica_batches
-    from .trainer import Topology, run_parallel
+    from .trainer import current_topology, local_device, open_run, use_te_flag
 
     check_args(args)
-    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    p_rank, d_rank = ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
-    device = (torch.device(torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.get_default_device())
-    topo = Topology(dist.get_rank(), dist.get_world_size(), tp, pp,
-                    ps.get_data_parallel_world_size(), p_rank,
-                    ps.get_tensor_model_parallel_rank(), d_rank, device)
+    topo = current_topology(local_device())
     # As scripts/pretrain_lmm.py: --global-batch-size and --seq-length override the spec's
     # microbatches per iteration and packing budget; replica d draws its own batches.
-    parallel = run_parallel(args, topo)
-    model = load_model(args.pipeweaver_model_config, parallel)
-    rules = TokenRules.from_model(model)
-    batches = replica_batches(args, model, d_rank)
-    feed = PlanFeed(args, model, batches, topo, ps.get_model_parallel_group(), parallel)
-    try:
-        _check_layout(model, feed.layout, pp, ps.get_data_parallel_group())
-    except ProviderError:
-        feed.close()
-        raise
-    pp_group = ps.get_pipeline_model_parallel_group()
-    schedule = PipeWeaverSchedule(feed.next_plan, model, rules, p_rank,
-                                  dist.get_process_group_ranks(pp_group), pp_group)
-    return Run(model=model, rules=rules, layout=feed.layout, batches=batches,
-               pipeline_rank=p_rank, tp=tp, seed=args.seed, device=device, feed=feed,
-               schedule=schedule, use_te=_use_te(args))
-
-
-def _use_te(args: argparse.Namespace) -> bool | None:
-    impl = getattr(args, "transformer_impl", None)
-    return None if impl is None else impl != "local"
-
-
-def _check_layout(model: ModelSpec, layout: Layout, pp: int, dp_group: Any) -> None:
-    import torch.distributed as dist
-
-    heads = loss_ranks(model, layout) - {pp - 1}
+    run = open_run(args, topo)
+    heads = loss_ranks(run.model, run.feed.layout) - {topo.pp - 1}
     if heads:
+        run.feed.close()
         raise ProviderError(f"the layout puts a loss head on pipeline ranks {sorted(heads)}; "
                             "Megatron's finalize_model_grads counts loss tokens on the last "
                             "pipeline rank only")
-    described = [None] * dist.get_world_size(dp_group)
-    dist.all_gather_object(described, layout.describe(), group=dp_group)
-    if len(set(described)) > 1:
-        raise ProviderError("data-parallel replicas cut different layouts (each partitions "
-                            "from its own first batch), so their gradients cannot be reduced")
+    return Run(model=run.model, rules=run.rules, layout=run.feed.layout, batches=run.batches,
+               pipeline_rank=topo.p_rank, tp=topo.tp, seed=args.seed, device=topo.device,
+               feed=run.feed, schedule=run.schedule, use_te=use_te_flag(args))
 
 
 def close() -> None:

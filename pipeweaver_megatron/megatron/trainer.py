@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..config import load_model
+from ..config import ModelSpec, load_model
 from ..workload import TokenRules
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import build_training
@@ -48,8 +48,6 @@ class Topology:
 
 def init_distributed(tp: int, pp: int, seed: int) -> Topology:
     """torch.distributed from torchrun's or srun's environment, then parallel_state."""
-    from megatron.core import parallel_state
-
     from ..models import init_parallel
 
     env = os.environ
@@ -65,12 +63,27 @@ def init_distributed(tp: int, pp: int, seed: int) -> Topology:
         raise ValueError(f"world size {world} is not a multiple of TP {tp} x PP {pp}")
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                             timeout=timedelta(minutes=10))
-    device = torch.device(torch.cuda.current_device()) if cuda else torch.get_default_device()
+    device = local_device()
     init_parallel(tp, pp, seed, device)
-    return Topology(rank, world, tp, pp, world // (tp * pp),
-                    parallel_state.get_pipeline_model_parallel_rank(),
-                    parallel_state.get_tensor_model_parallel_rank(),
-                    parallel_state.get_data_parallel_rank(), device)
+    return current_topology(device)
+
+
+def local_device() -> torch.device:
+    """The current CUDA device where there is one, else torch's default (the host)."""
+    if torch.cuda.is_available():
+        return torch.device(torch.cuda.current_device())
+    return torch.get_default_device()
+
+
+def current_topology(device: torch.device) -> Topology:
+    """This process's place in torch.distributed and megatron-core's parallel_state."""
+    from megatron.core import parallel_state as ps
+
+    return Topology(dist.get_rank(), dist.get_world_size(),
+                    ps.get_tensor_model_parallel_world_size(),
+                    ps.get_pipeline_model_parallel_world_size(),
+                    ps.get_data_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
+                    ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), device)
 
 
 def run_parallel(args, topo: Topology) -> dict[str, int]:
@@ -83,36 +96,75 @@ def run_parallel(args, topo: Topology) -> dict[str, int]:
     return parallel
 
 
+def use_te_flag(args) -> bool | None:
+    """--transformer-impl as LMMChunk's use_te (None: Transformer Engine when usable)."""
+    impl = getattr(args, "transformer_impl", None)
+    return None if impl is None else impl != "local"
+
+
+@dataclass
+class OpenRun:
+    """What a training process plans and schedules with (open_run)."""
+
+    model: ModelSpec
+    """--pipeweaver-model-config with the run's parallel flags."""
+    rules: TokenRules
+    batches: list
+    """This data-parallel replica's GlobalBatch of every iteration."""
+    feed: PlanFeed
+    schedule: object
+    """The PipeWeaverSchedule: Megatron's forward_backward over the feed's plans."""
+
+
+def open_run(args, topo: Topology) -> OpenRun:
+    """The model spec, this replica's batches, the plan feed (planner service on the
+    first rank of the model-parallel group) and the schedule; every data-parallel
+    replica is checked to hold the same layout. Closes the feed if that fails."""
+    from megatron.core import parallel_state
+
+    from ..runtime import PipeWeaverSchedule
+
+    parallel = run_parallel(args, topo)
+    model = load_model(args.pipeweaver_model_config, parallel)
+    batches = replica_batches(args, model, topo.d_rank)
+    feed = PlanFeed(args, model, batches, topo, parallel_state.get_model_parallel_group(),
+                    parallel)
+    try:
+        check_replicas_agree(feed.layout, parallel_state.get_data_parallel_group())
+    except Exception:
+        feed.close()
+        raise
+    rules = TokenRules.from_model(model)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    schedule = PipeWeaverSchedule(feed.next_plan, model, rules, topo.p_rank,
+                                  dist.get_process_group_ranks(pp_group), pp_group)
+    return OpenRun(model, rules, batches, feed, schedule)
+
+
 def train(args) -> list[dict]:
     """Run args.train_iters iterations (resuming from --load); returns the log records."""
     from megatron.core import parallel_state
 
     from ..models import stage_chunk, teardown
     from ..models.data import microbatch_data
-    from ..runtime import PipeWeaverSchedule, lmm_forward_step
+    from ..runtime import lmm_forward_step
 
     topo = init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             args.seed)
+    feed = None
     try:
-        parallel = run_parallel(args, topo)
-        model = load_model(args.pipeweaver_model_config, parallel)
-        rules = TokenRules.from_model(model)
-        batches = replica_batches(args, model, topo.d_rank)
-        feed = PlanFeed(args, model, batches, topo,
-                        parallel_state.get_model_parallel_group(), parallel)
+        run = open_run(args, topo)
+        model, rules, batches, feed, schedule = (run.model, run.rules, run.batches, run.feed,
+                                                 run.schedule)
         layout = feed.layout
-        check_replicas_agree(layout, parallel_state.get_data_parallel_group())
         stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
-        use_te = None if args.transformer_impl is None else args.transformer_impl != "local"
-        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed, use_te=use_te)
-                  .to(topo.device) for s in stages]
+        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed,
+                              use_te=use_te_flag(args)).to(topo.device) for s in stages]
         training = build_training(chunks, args, topo.device)
         start = 0
         if args.load:
             start = load_checkpoint(args.load, topo.rank, chunks, training.optimizer)
         pp_group = parallel_state.get_pipeline_model_parallel_group()
-        schedule = PipeWeaverSchedule(feed.next_plan, model, rules, topo.p_rank,
-                                      dist.get_process_group_ranks(pp_group), pp_group)
         feed.start(start)
         progress = Progress(args.train_iters, start)
         records = []
@@ -125,9 +177,7 @@ def train(args) -> list[dict]:
             reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data,
                                model=training.model, num_microbatches=len(batch.microbatches))
             loss, tokens = _loss(reports, pp_group, topo.device)
-            training.reduce(tokens, parallel_state.get_data_parallel_group())
-            if args.clip_grad and not training.megatron_core:
-                clip_host_gradients(training.params, args.clip_grad)
+            training.reduce(tokens, parallel_state.get_data_parallel_group(), args.clip_grad)
             training.step()
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
@@ -142,9 +192,10 @@ def train(args) -> list[dict]:
             if args.save and (iteration + 1 == args.train_iters or
                               (args.save_interval and (iteration + 1) % args.save_interval == 0)):
                 save_checkpoint(args.save, topo.rank, iteration + 1, chunks, training.optimizer)
-        feed.close()
         return records
     finally:
+        if feed is not None:  # the planner service's processes, also after an error
+            feed.close()
         teardown()
 
 
@@ -184,26 +235,6 @@ def _loss(reports: list, group, device) -> tuple[float, float]:
     dist.all_reduce(total, group=group)
     loss_sum, tokens = total.tolist()
     return loss_sum / max(tokens, 1.0), tokens
-
-
-def clip_host_gradients(params: list, max_norm: float) -> float:
-    """Clip the global gradient norm over the model-parallel group (host path; on CUDA
-    megatron-core's optimizer clips). A parameter replicated over tensor parallelism
-    counts once. Returns the norm before clipping."""
-    from megatron.core import parallel_state
-
-    t_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = torch.zeros(1, dtype=torch.float64, device=params[0].device)
-    for p in params:
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or t_rank == 0):
-            total += p.grad.double().square().sum()
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    norm = float(total.sqrt().item())
-    if norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
 
 
 def _measured(timeline: list, began: float) -> dict:

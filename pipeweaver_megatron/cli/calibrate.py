@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 
 from ..semu import load_calibration
-from ..semu.runtime_fit import fit_runtime, runtime_samples
+from ..semu.runtime_fit import fit_samples, runtime_samples
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     calibration = load_calibration(args.calibration)
-    fitted = fit_runtime(calibration, args.trace_dir, args.skip)
     samples = runtime_samples(args.trace_dir, args.skip)
+    fitted = fit_samples(calibration, samples, ", ".join(args.trace_dir))
     fitted.save(args.out)
     (f0, b0), (f1, b1) = calibration.action_overhead_s, fitted.action_overhead_s
     print(f"{len(samples.actions['F'])} forwards, {len(samples.actions['B'])} backwards and "

@@ -94,11 +94,15 @@ def fit_runtime(calibration: Calibration, directories: Iterable[str | Path],
     """The calibration with its runtime terms fitted to the traces (the traces must have
     been predicted with `calibration`: its own runtime terms are taken out first)."""
     directories = list(directories)
-    samples = runtime_samples(directories, skip)
+    return fit_samples(calibration, runtime_samples(directories, skip),
+                       ", ".join(map(str, directories)))
+
+
+def fit_samples(calibration: Calibration, samples: RuntimeSamples, source: str) -> Calibration:
+    """fit_runtime on samples already read (source names them in errors)."""
     if not samples.actions["F"] or not samples.actions["B"]:
-        raise CalibrationError(f"{', '.join(map(str, directories))}: no measured forward and "
-                               "backward actions to match with predictions (run pretrain_lmm "
-                               "with --pipeweaver-trace-dir)")
+        raise CalibrationError(f"{source}: no measured forward and backward actions to match "
+                               "with predictions (run pretrain_lmm with --pipeweaver-trace-dir)")
     overall = _fit(calibration, samples.actions, None)
     kinds = {kind for pairs in samples.actions.values() for kind, _, _ in pairs}
     chunks = {}

@@ -8,6 +8,7 @@ Scripts in benchmarks/ import this module as `common` (they run as
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeweaver_megatron.config import ModelSpec, get_hardware, load_model
-from pipeweaver_megatron.planner import SearchSettings, make_system
+from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchSettings, make_system, partition
 from pipeweaver_megatron.semu import CostModel, WorkloadSimulation, simulate_workload
 from pipeweaver_megatron.workload import GlobalBatch, sample_workload
 
@@ -98,6 +99,18 @@ def run_system(setup: Setup, name: str, budget_ms: float, seed: int,
     print(f"  {setup.model.name:10} {name:13} {out.mean_s:8.3f} s  MFU {out.mfu:5.1%}  "
           f"peak {out.peak_gib:5.1f} GiB  ({out.wall_s:.0f} s)", flush=True)
     return out
+
+
+def warm_planner(setup: Setup, settings: SearchSettings = SearchSettings(),
+                 seed: int = 0) -> PipeWeaverPlanner:
+    """PipeWeaver's planner for the setup, on this process pinned to one CPU core (planning
+    times are per core), with its stage-cost cache warmed as training would."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    planner = PipeWeaverPlanner(setup.costs, partition(setup.costs, reference=setup.batches[0]),
+                                settings)
+    planner.plan(setup.batches[0], 1.0, seed)
+    return planner
 
 
 def gain(baseline_s: float, ours_s: float) -> float:

@@ -12,13 +12,11 @@ Usage: python benchmarks/planner_speed.py [--model vlm-l] [--iterations 3]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Sequence
 
-from common import header, load_setup, parse, table, write_report
-from pipeweaver_megatron.planner import PipeWeaverPlanner, partition
+from common import header, load_setup, parse, table, warm_planner, write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,12 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--long-ms", type=float, default=30000.0)
     parser.add_argument("--seed", type=int, default=0)
     args, shown = parse(parser, argv)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     setup = load_setup(args.model, args.iterations, args.seed)
     model, costs, batches = setup.model, setup.costs, setup.batches
-    planner = PipeWeaverPlanner(costs, partition(costs, reference=batches[0]))
-    planner.plan(batches[0], 1.0, args.seed)  # warm the stage-cost cache as training would
+    planner = warm_planner(setup, seed=args.seed)
     rows = []
     for i, batch in enumerate(batches):
         row = {"iteration": i}

@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Sequence
 
-from common import figure, header, load_setup, parse, save_figure, table, write_report
+from common import (figure, header, load_setup, parse, save_figure, table, warm_planner,
+                    write_report)
 from paper import SEARCH_NEAR_OPTIMAL_S
 from strategies import KINDS, explorer
-from pipeweaver_megatron.planner import (PipeWeaverPlanner, SearchSettings, partition,
-                                         split_batch)
+from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchSettings, split_batch
 from pipeweaver_megatron.workload import GlobalBatch
 
 NEAR = 0.001
@@ -106,13 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-microbatches", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args, shown = parse(parser, argv)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     pool_batches = max(args.iterations, math.ceil(args.max_microbatches / 64))
     setup = load_setup(args.model, pool_batches, args.seed)
-    planner = PipeWeaverPlanner(setup.costs, partition(setup.costs, reference=setup.batches[0]),
-                                SearchSettings(max_evaluations=args.evaluations))
-    planner.plan(setup.batches[0], 1.0, args.seed)  # warm the stage-cost cache
+    planner = warm_planner(setup, SearchSettings(max_evaluations=args.evaluations), args.seed)
     first = dataclasses.replace(setup, batches=setup.batches[:args.iterations])
     found = compare(first, planner, args.evaluations, args.seed)
     grown = scaling(setup, planner, args.max_microbatches, args.seed)

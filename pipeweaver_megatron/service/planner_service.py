@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 import time
 
-from ..config import load_model
 from ..planner.partition import partition
 from ..planner.systems import PIPEWEAVER
-from ..workload import GlobalBatch, TokenRules
+from ..workload import GlobalBatch
 from .fallback import static_plan, baseline_layout, fallback_plan
 from .pool import Board, Entry, WorkerPool
 from .settings import Outcome, ServiceError, ServiceSettings, ServiceStats
@@ -34,10 +33,8 @@ class PlannerService:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.model = load_model(settings.model, settings.parallel)
-        self.rules = TokenRules.from_model(self.model)
-        self.pp = settings.pp or self.model.parallel.pp
-        self.tp = settings.tp or self.model.parallel.tp
+        run = settings.resolve()
+        self.model, self.rules, self.pp, self.tp = run.model, run.rules, run.pp, run.tp
         self.chunks = None
         """The run's ChunkPlan (pipeweaver), cut once in start()."""
         self.costs = None

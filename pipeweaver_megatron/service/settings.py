@@ -7,7 +7,8 @@ from typing import Literal, Mapping
 
 from ..planner.iteration import IterationPlan
 from ..planner.systems import PIPEWEAVER, RUNNABLE
-from ..workload import GlobalBatch
+from ..config import ModelSpec, load_model
+from ..workload import GlobalBatch, TokenRules
 from .fallback import FALLBACKS
 
 FAULTS = ("planner-crash", "planner-hang", "bad-plan", "bad-samples")
@@ -96,6 +97,23 @@ class ServiceSettings:
     @property
     def hang_limit_ms(self) -> float:
         return self.hang_ms if self.hang_ms is not None else 3 * self.budget_ms + self.timeout_ms
+
+    def resolve(self) -> "RunModel":
+        """The model spec with the run's parallel overrides, its token rules, and the
+        pipeline and tensor-parallel sizes (the model's where the settings leave them)."""
+        model = load_model(self.model, self.parallel)
+        return RunModel(model, TokenRules.from_model(model), self.pp or model.parallel.pp,
+                        self.tp or model.parallel.tp)
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """What ServiceSettings.resolve gives the service and its workers."""
+
+    model: ModelSpec
+    rules: TokenRules
+    pp: int
+    tp: int
 
 
 Source = Literal["planner", "fallback"]

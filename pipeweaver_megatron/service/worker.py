@@ -14,13 +14,13 @@ import traceback
 from dataclasses import replace
 from typing import Any
 
-from ..config import ModelSpec, get_hardware, load_model
+from ..config import ModelSpec, get_hardware
 from ..planner.iteration import IterationPlan, plan_iteration
 from ..planner.partition import ChunkPlan
 from ..planner.search import PipeWeaverPlanner, SearchSettings
 from ..planner.systems import PIPEWEAVER
 from ..semu import CostModel, load_calibration
-from ..workload import GlobalBatch, TokenRules
+from ..workload import GlobalBatch
 from .fallback import fallback_plan
 from .settings import UNLIMITED_MS, ServiceSettings
 from .wire import encode, encode_plan
@@ -38,10 +38,8 @@ class BatchPlanner:
 
     def __init__(self, settings: ServiceSettings, chunks: ChunkPlan | None) -> None:
         self.settings = settings
-        self.model = load_model(settings.model, settings.parallel)
-        self.rules = TokenRules.from_model(self.model)
-        self.pp = settings.pp or self.model.parallel.pp
-        self.tp = settings.tp or self.model.parallel.tp
+        run = settings.resolve()
+        self.model, self.rules, self.pp, self.tp = run.model, run.rules, run.pp, run.tp
         self.planner = None
         if settings.schedule == PIPEWEAVER:
             if chunks is None:

@@ -8,20 +8,37 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-quick clean
+.PHONY: venv demo test bench bench-quick clean megatron-lm
 
 venv: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -e '.[test,search]'
+	$(PIP) install --quiet --disable-pip-version-check -e '.[test,search,megatron-lm]'
 	@touch $(STAMP)
+
+# Megatron-LM's sources at core_v0.16.1 for the tests that run its pretrain_vlm.py /
+# pretrain_gpt.py: MEGATRON_LM_DIR names a checkout of your own; otherwise the tests use
+# build/megatron-lm, unpacked from ../shared/third_party (see its README).
+MEGATRON_LM_TARBALL ?= ../shared/third_party/megatron-lm-core_v0.16.1.git.tar.gz
+MEGATRON_LM_BUILD := build/megatron-lm
+
+megatron-lm: $(MEGATRON_LM_BUILD)/.ready
+
+$(MEGATRON_LM_BUILD)/.ready:
+	@if [ -n "$$MEGATRON_LM_DIR" ]; then echo "Megatron-LM: $$MEGATRON_LM_DIR (MEGATRON_LM_DIR)"; \
+	elif [ -f $(MEGATRON_LM_TARBALL) ]; then \
+	  rm -rf $(MEGATRON_LM_BUILD) && mkdir -p $(MEGATRON_LM_BUILD) && \
+	  tar -xzf $(MEGATRON_LM_TARBALL) -C $(MEGATRON_LM_BUILD) && \
+	  git -C $(MEGATRON_LM_BUILD) checkout -q -f core_v0.16.1 && touch $@; \
+	else echo "Megatron-LM: set MEGATRON_LM_DIR to a checkout at core_v0.16.1" \
+	  "(or provide $(MEGATRON_LM_TARBALL))" >&2; exit 2; fi
 
 demo: venv
 	$(VENV)/bin/pipeweaver demo
 
-test: venv
+test: venv megatron-lm
 	$(PY) -m pytest -q tests
 	$(MAKE) bench-quick
 

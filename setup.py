@@ -25,6 +25,12 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis"],
         "search": ["highspy"],
+        # What Megatron-LM's own training loop (megatron/training, pretrain_*.py) imports
+        # beyond megatron-core, measured at core_v0.16.1: triton is imported unconditionally
+        # (initialize.py -> batch_invariant_kernels; its wheel imports without a GPU),
+        # psutil by the torch_dist checkpoint writer (without it the writer subprocess
+        # dies and the parent hangs), pybind11 to build the dataset helpers.
+        "megatron-lm": ["six", "regex", "pydantic", "einops", "psutil", "pybind11", "triton"],
     },
     entry_points={"console_scripts": ["pipeweaver=pipeweaver_megatron.cli.main:main"]},
 )

@@ -176,3 +176,23 @@ def test_module_kinds_of_paper_setups():
     assert [m.kind for m in map(t2v.module, t2v.order)] == [
         ModuleKind.LANGUAGE_MODEL, ModuleKind.GENERATOR]
     assert t2v.module("dit").cross_attention and t2v.condition_hidden("dit") == 5120
+
+
+def test_fixed_tiles_ignore_the_image_size_and_count_class_tokens():
+    from pipeweaver_megatron.config import ImageRule, SpecError
+
+    clip = ImageRule(patch_size=14, merge_size=1, fixed_height=336, fixed_width=336,
+                     class_tokens=1)
+    assert clip.encoder_tokens(77, 1000) == clip.encoder_tokens(336, 336) == 24 * 24 + 1
+    assert clip.lm_tokens(10, 10) == 577
+    dropped = ImageRule(patch_size=14, merge_size=1, fixed_height=336, fixed_width=224,
+                        class_tokens=1, drop_class_tokens=True)
+    assert (dropped.encoder_tokens(1, 1), dropped.lm_tokens(1, 1)) == (24 * 16 + 1, 24 * 16)
+    for bad, key in ((dict(fixed_height=336), "fixed_height"),
+                     (dict(class_tokens=1, merge_size=2), "class_tokens"),
+                     (dict(drop_class_tokens=True), "drop_class_tokens"),
+                     (dict(fixed_height=8, fixed_width=8, patch_size=14, merge_size=1),
+                      "fixed_height")):
+        with pytest.raises(SpecError) as error:
+            ImageRule(**bad)
+        assert error.value.key == key

@@ -23,11 +23,18 @@ TRANSFORMER_KINDS = (ModuleKind.VISION_ENCODER, ModuleKind.LANGUAGE_MODEL, Modul
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ImageRule:
-    """How an image becomes encoder tokens and LM tokens (Qwen2-VL-style ViT).
+    """How an image becomes encoder tokens and LM tokens.
 
-    The image is resized to a multiple of patch_size * merge_size, cut into
-    patch_size x patch_size patches (the encoder's sequence), and merge_size x merge_size
-    neighbouring patches are merged by the projector into one LM token.
+    Dynamic resolution (Qwen2-VL-style ViT, the default): the image is resized to a
+    multiple of patch_size * merge_size, cut into patch_size x patch_size patches (the
+    encoder's sequence), and merge_size x merge_size neighbouring patches are merged by
+    the projector into one LM token.
+
+    Fixed tiles (CLIP ViT of Megatron's LLaVA, fixed_height and fixed_width set): every
+    image is one fixed_height x fixed_width tile; the encoder prepends class_tokens
+    learned tokens to its patches, and the LM sees every encoder token (merge_size 1)
+    unless drop_class_tokens (Megatron's --disable-vision-class-token) drops them before
+    the projector.
     """
 
     patch_size: int = 14
@@ -40,11 +47,33 @@ class ImageRule:
     """Input channels."""
     image_size: int = 364
     """Default side of an image in pixels (364 -> 26x26 patches -> 169 LM tokens)."""
+    fixed_height: int = 0
+    """Fixed tiles: every image is resized to this height (0: dynamic resolution)."""
+    fixed_width: int = 0
+    """Fixed tiles: every image is resized to this width (0: dynamic resolution)."""
+    class_tokens: int = 0
+    """Learned tokens the encoder prepends to every image's patches (CLIP: 1)."""
+    drop_class_tokens: bool = False
+    """The class tokens are dropped before the projector (they reach no LM position)."""
 
     def __post_init__(self) -> None:
         for key in ("patch_size", "merge_size", "temporal_patch_size", "channels", "image_size"):
             if getattr(self, key) < 1:
                 raise SpecError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("fixed_height", "fixed_width", "class_tokens"):
+            if getattr(self, key) < 0:
+                raise SpecError(key, f"must be >= 0, got {getattr(self, key)}")
+        if bool(self.fixed_height) != bool(self.fixed_width):
+            raise SpecError("fixed_height", "fixed tiles need both fixed_height and fixed_width")
+        if self.fixed:
+            for key in ("fixed_height", "fixed_width"):
+                if getattr(self, key) < self.patch_size:
+                    raise SpecError(key, f"{getattr(self, key)} is smaller than one patch "
+                                         f"({self.patch_size} pixels)")
+        if self.class_tokens and self.merge_size != 1:
+            raise SpecError("class_tokens", "class tokens need merge_size 1 (no patch merger)")
+        if self.drop_class_tokens and not self.class_tokens:
+            raise SpecError("drop_class_tokens", "there are no class tokens to drop")
         if self.image_size < self.patch_size * self.merge_size:
             raise SpecError(
                 "image_size",
@@ -52,21 +81,32 @@ class ImageRule:
                 f"({self.patch_size}*{self.merge_size} pixels)",
             )
 
+    @property
+    def fixed(self) -> bool:
+        """Every image is one fixed-size tile (CLIP), whatever its size."""
+        return bool(self.fixed_height)
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (rows, cols) after resizing to multiples of the merge window."""
+        """Patch grid (rows, cols): of the fixed tile, or after resizing to multiples of
+        the merge window."""
+        if self.fixed:
+            return self.fixed_height // self.patch_size, self.fixed_width // self.patch_size
         unit = self.patch_size * self.merge_size
         rows = max(1, round(height / unit)) * self.merge_size
         cols = max(1, round(width / unit)) * self.merge_size
         return rows, cols
 
     def encoder_tokens(self, height: int, width: int) -> int:
-        """Sequence length the vision encoder processes for one image."""
+        """Sequence length the vision encoder processes for one image (its patches and
+        class tokens)."""
         rows, cols = self.grid(height, width)
-        return rows * cols
+        return rows * cols + self.class_tokens
 
     def lm_tokens(self, height: int, width: int) -> int:
-        """Tokens the image occupies in the LM sequence after the patch merger."""
-        return self.encoder_tokens(height, width) // (self.merge_size**2)
+        """Tokens the image occupies in the LM sequence after the projector."""
+        rows, cols = self.grid(height, width)
+        kept = 0 if self.drop_class_tokens else self.class_tokens
+        return rows * cols // (self.merge_size**2) + kept
 
     @property
     def default_lm_tokens(self) -> int:

@@ -2,13 +2,13 @@
 behind them (pipeweaver_megatron/megatron/providers.py).
 
 - The patches parse and touch pretrain_gpt.py and pretrain_vlm.py only, a few lines each.
-- With a Megatron-LM checkout (MEGATRON_LM_DIR, or the mirror at MIRROR): the script
-  applies them to a fresh copy at core_v0.16.1, says "already applied" the second time,
-  refuses conflicts and other commits, and the patched scripts compile. Where
-  megatron.training imports (it needs six, regex, pydantic and triton beyond our
-  dependencies; MEGATRON_LM_DEPS may name a directory holding them), both scripts parse
-  the --pipeweaver flags with Megatron's own parser and hand pretrain our providers, and
-  the patched pretrain_vlm.py trains 2 ranks on CPU through them.
+- On Megatron-LM's sources (tests/megatron_lm.py: MEGATRON_LM_DIR, or core_v0.16.1
+  unpacked from ../shared/third_party; never skipped): the script applies them to a
+  fresh copy at core_v0.16.1, says "already applied" the second time, refuses conflicts
+  and other commits, and the patched scripts compile; megatron.training imports (the
+  .[megatron-lm] extra), both scripts parse the --pipeweaver flags with Megatron's own
+  parser and hand pretrain our providers, and the patched pretrain_vlm.py trains 2 ranks
+  on CPU through them.
 - The providers on real megatron-core chunks (CPU, gloo): virtual stages map onto the
   layout, model_provider builds each stage's chunk, the dataset provider yields the
   workload's microbatches, and 2 ranks trained through Megatron-core's
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lm import fresh_checkout
 from pipeweaver_megatron.megatron import arguments, providers
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 APPLY = ROOT / "scripts" / "apply_patches.sh"
-COMMIT = "55ac7082517c3878ae653c07c09c534b8aed49f6"  # Megatron-LM core_v0.16.1
-MIRROR = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
 SCRIPTS = {"pretrain_gpt.py", "pretrain_vlm.py"}
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -77,27 +76,11 @@ def test_apply_refuses_what_is_not_a_checkout_at_the_tag(tmp_path):
 
 # ---- a Megatron-LM checkout ------------------------------------------------------------
 
-def _source() -> Path | None:
-    given = os.environ.get("MEGATRON_LM_DIR")
-    if given:
-        return Path(given)
-    return MIRROR if MIRROR.exists() else None
-
-
 @pytest.fixture
 def checkout(tmp_path) -> Path:
-    """A fresh Megatron-LM working tree at core_v0.16.1 (shares the source's objects)."""
-    source = _source()
-    if source is None:
-        pytest.skip(f"no Megatron-LM checkout: set MEGATRON_LM_DIR (or provide {MIRROR})")
-    dest = tmp_path / "Megatron-LM"
-    done = run("git", "clone", "-q", "--shared", "--no-checkout", source, dest)
-    if done.returncode:
-        pytest.skip(f"cannot clone {source}: {done.stderr.strip()}")
-    done = run("git", "-C", dest, "-c", "advice.detachedHead=false", "checkout", "-q", COMMIT)
-    if done.returncode:
-        pytest.skip(f"{source} lacks core_v0.16.1 ({COMMIT}): {done.stderr.strip()}")
-    return dest
+    """A fresh Megatron-LM working tree at core_v0.16.1 (tests/megatron_lm.py: the
+    MEGATRON_LM_DIR checkout, or the one make unpacks from ../shared/third_party)."""
+    return fresh_checkout(tmp_path / "Megatron-LM")
 
 
 def test_apply_twice_then_compile(checkout):
@@ -125,23 +108,20 @@ def test_a_conflict_changes_nothing(checkout):
 
 
 def megatron_env(checkout: Path) -> dict[str, str]:
-    paths = [str(checkout), os.environ.get("MEGATRON_LM_DEPS", ""),
-             os.environ.get("PYTHONPATH", "")]
+    paths = [str(checkout), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p),
             "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture
 def patched(checkout) -> Path:
-    """The patched checkout, where megatron.training imports (skip otherwise)."""
+    """The patched checkout, where megatron.training imports (make venv installs what
+    Megatron-LM's training loop needs: the .[megatron-lm] extra)."""
     assert run("bash", APPLY, checkout).returncode == 0
     done = run(sys.executable, "-c", "import megatron.training.training", cwd=checkout,
                env=megatron_env(checkout), timeout=300)
-    if done.returncode:
-        missing = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"
-        pytest.skip(f"megatron.training does not import ({missing}); Megatron-LM needs six, "
-                    "regex, pydantic and triton: pip install them into a directory named by "
-                    "MEGATRON_LM_DEPS")
+    assert done.returncode == 0, ("megatron.training does not import (pip install -e "
+                                  "'.[megatron-lm]'): " + done.stderr[-2000:])
     return checkout
 
 

@@ -144,13 +144,28 @@ def test_patched_scripts_parse_the_flags_with_megatrons_parser(patched, script):
         assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
         return json.loads(lines[-1][len("RESULT "):])
 
-    ours = parse(*PIPEWEAVER, "--pipeline-model-parallel-size", "2",
-                 "--num-virtual-stages-per-pipeline-rank", "3")
-    assert ours == {"pipeweaver": True, "ours": True, "vp": 3, "dataloader_type": "external",
-                    "forward_backward": "forward_backward"}
+    # No --num-virtual-stages-per-pipeline-rank: the wrapped parser cuts the run's layout
+    # and sets it before validate_args.
+    ours = parse(*PIPEWEAVER, "--pipeline-model-parallel-size", "2")
+    per_rank = int(stages_per_rank())
+    assert ours == {"pipeweaver": True, "ours": True,
+                    "vp": per_rank if per_rank > 1 else None,
+                    "dataloader_type": "external", "forward_backward": "forward_backward"}
+    assert parse(*PIPEWEAVER, "--pipeline-model-parallel-size", "2",
+                 "--num-virtual-stages-per-pipeline-rank", str(per_rank)) == ours
     theirs = parse("--pipeline-model-parallel-size", "2")
     assert theirs == {"pipeweaver": False, "ours": False, "vp": None,
                       "dataloader_type": "single", "forward_backward": "get_forward_backward_func"}
+
+
+def test_a_virtual_stage_count_against_the_layout_is_refused_before_anything_runs(patched):
+    wrong = str(int(stages_per_rank()) + 1)
+    done = run(sys.executable, HARNESS, "parse", "pretrain_vlm.py", *FLAGS, *PIPEWEAVER,
+               "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank",
+               wrong, cwd=patched, env={**megatron_env(patched), "WORLD_SIZE": "2"}, timeout=300)
+    assert done.returncode != 0
+    assert (f"--num-virtual-stages-per-pipeline-rank {wrong}: the run's layout gives every "
+            f"pipeline rank {stages_per_rank()} stages") in done.stderr
 
 
 def stages_per_rank() -> str:
@@ -189,8 +204,7 @@ def reference_losses(tmp_path: Path, port: int) -> list[float]:
 
 def test_patched_vlm_trains_two_ranks_like_pretrain_lmm(patched, tmp_path):
     losses = train([HARNESS, "train", "pretrain_vlm.py", *FLAGS, *PIPEWEAVER,
-                    "--pipeline-model-parallel-size", "2",
-                    "--num-virtual-stages-per-pipeline-rank", stages_per_rank()],
+                    "--pipeline-model-parallel-size", "2"],
                    tmp_path, 29741, env=megatron_env(patched), cwd=patched)
     assert losses == pytest.approx(reference_losses(tmp_path, 29742), rel=1e-5)
 

@@ -58,11 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def chain_args(other: Callable[[argparse.ArgumentParser], argparse.ArgumentParser] | None = None
                ) -> Callable[[argparse.ArgumentParser], argparse.ArgumentParser]:
-    """An extra_args_provider adding the --pipeweaver flags after `other`'s."""
+    """An extra_args_provider adding the --pipeweaver flags after `other`'s. Under
+    --pipeweaver the parser also sets Megatron's --num-virtual-stages-per-pipeline-rank
+    from the run's layout right after parsing (virtual_stages.wrap_parser)."""
 
     def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        from .virtual_stages import wrap_parser  # the planner side: no torch
+
         if other is not None:
             parser = other(parser) or parser
-        return add_arguments(parser)
+        return wrap_parser(add_arguments(parser))
 
     return provider

@@ -14,7 +14,7 @@ How the layouts are known (the files' ``meta``, see [Note: checkpoint metadata])
   holds layers of two transformer modules).
 - target: rebuilt as the resumed run builds it. Megatron's placement from the model and
   pp; PipeWeaver's from the chunk partitioner with the run's cost model (hardware,
-  calibration, tp) and reference batch (plans.layout_reference: workload, seed), as the planner
+  calibration, tp) and reference batch (virtual_stages.layout_reference: workload, seed), as the planner
   service cuts it, so pass the resumed run's values. A run whose layout differs refuses
   the checkpoint at load, naming both.
 - each target chunk's tensor names, optimizer order and shapes: the chunk built on the
@@ -260,7 +260,7 @@ def _target_layout(request: ConvertRequest, model: ModelSpec,
     from ..semu import load_calibration
     from ..service import ServiceSettings
     from ..service.worker import make_costs
-    from .plans import layout_reference
+    from .virtual_stages import layout_reference
 
     calibration = load_calibration(request.calibration) if request.calibration else None
     hardware = request.hardware or (calibration.hardware if calibration else model.hardware)

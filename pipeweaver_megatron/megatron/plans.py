@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from ..planner import split_batch
 from ..planner.iteration import IterationPlan
-from ..semu import batch_shapes, load_calibration, simulate, write_trace
-from ..service import PlannerService, PrefetchingIterator, ServiceSettings
+from ..semu import batch_shapes, simulate, write_trace
+from ..service import PlannerService, PrefetchingIterator
 from ..service.worker import make_costs
+from .virtual_stages import layout_reference, service_settings
 from ..workload import TokenRules, sample_workload
 
 
@@ -21,13 +22,6 @@ def replica_batches(args, model, dp_rank: int) -> list:
     """The global batches data-parallel replica dp_rank trains on (seed * 1000 + d)."""
     return sample_workload(model, getattr(args, "workload", None) or model.dataset,
                            args.train_iters, args.seed * 1000 + dp_rank)
-
-
-def layout_reference(model, workload: str | None, seed: int):
-    """The batch the chunk partitioner takes typical shapes from: replica 0's first, on
-    every replica, so all data-parallel replicas cut the same layout (their gradients
-    are reduced parameter by parameter)."""
-    return sample_workload(model, workload or model.dataset, 1, seed * 1000)[0]
 
 
 @dataclass
@@ -55,19 +49,7 @@ class PlanFeed:
         self.first = dist.get_rank() == self.root
         self.service = self.prefetch = self.costs = None
         if self.first:
-            calibration = load_calibration(args.pipeweaver_calibration) \
-                if args.pipeweaver_calibration else None
-            hardware = args.pipeweaver_hardware or (calibration.hardware if calibration
-                                                    else model.hardware)
-            reference = layout_reference(model, getattr(args, "workload", None), args.seed)
-            settings = ServiceSettings(
-                model=args.pipeweaver_model_config, parallel=dict(parallel or {}),
-                hardware=hardware, calibration=args.pipeweaver_calibration, pp=topo.pp,
-                tp=topo.tp, schedule=self.schedule, budget_ms=args.pipeweaver_search_budget_ms,
-                workers=args.pipeweaver_planner_workers,
-                timeout_ms=args.pipeweaver_plan_timeout_ms, fallback=args.pipeweaver_fallback,
-                reference=reference, seed=args.seed,
-                faults={i: kind for kind, i in args.pipeweaver_inject_fault})
+            settings = service_settings(args, model, parallel or {}, topo.pp, topo.tp)
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
             self.service = PlannerService(settings).start()
         payload = [(self.service.layout, self.service.chunks) if self.first else None]

@@ -1,0 +1,138 @@
+"""--num-virtual-stages-per-pipeline-rank under --pipeweaver, chosen before Megatron
+sets up its virtual pipeline.
+
+Megatron builds V model chunks per pipeline rank from its flags (validate_args turns
+--num-virtual-stages-per-pipeline-rank into virtual_pipeline_model_parallel_size)
+before any provider runs; the run's layout gives every rank sum(K_i) stages (see
+[Note: virtual stages] in providers.py). The layout follows from the spec, PP, TP, the
+hardware and calibration, and the partitioner's reference batch (replica 0's first,
+drawn from the seed), all known once the flags are parsed, so the wrapped parser cuts it
+then, the same way the planner service will (service_settings + layout_of), and sets V
+itself: a V given on the command line that disagrees is an error naming both values.
+The planner service cuts the layout again when it starts; providers.start_run checks
+that the two agree.
+
+Pure Python: the planner side only (no torch, no megatron).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from ..config import ModelSpec, load_model
+from ..ir import Layout
+from ..planner import partition
+from ..planner.systems import PIPEWEAVER
+from ..service import ServiceSettings
+from ..service.fallback import baseline_layout
+from ..service.worker import make_costs
+from ..workload import sample_workload
+
+
+class VirtualStagesError(ValueError):
+    """--num-virtual-stages-per-pipeline-rank disagrees with the run's layout."""
+
+
+def parse_time_parallel(args: argparse.Namespace) -> dict[str, int]:
+    """The parallel overrides of the spec (as trainer.run_parallel gives them once
+    torch.distributed runs), from the flags and the launcher's WORLD_SIZE."""
+    tp = args.tensor_model_parallel_size
+    pp = args.pipeline_model_parallel_size
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", tp * pp * cp)))
+    parallel = {"tp": tp, "pp": pp, "dp": max(1, world // (tp * pp * cp))}
+    if args.global_batch_size:
+        parallel["global_batch_size"] = args.global_batch_size
+    if args.seq_length:
+        parallel["microbatch_tokens"] = args.seq_length
+    return parallel
+
+
+def layout_reference(model: ModelSpec, workload: str | None, seed: int):
+    """The batch the chunk partitioner takes typical shapes from: replica 0's first, on
+    every replica, so all data-parallel replicas cut the same layout (their gradients
+    are reduced parameter by parameter)."""
+    return sample_workload(model, workload or model.dataset, 1, seed * 1000)[0]
+
+
+def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[str, int],
+                     pp: int, tp: int) -> ServiceSettings:
+    """The planner service's settings of a run with these flags."""
+    hardware = args.pipeweaver_hardware
+    if hardware is None and args.pipeweaver_calibration:
+        from ..semu import load_calibration
+
+        hardware = load_calibration(args.pipeweaver_calibration).hardware
+    return ServiceSettings(
+        model=args.pipeweaver_model_config, parallel=dict(parallel), hardware=hardware
+        or model.hardware, calibration=args.pipeweaver_calibration, pp=pp, tp=tp,
+        schedule=args.pipeweaver_schedule, budget_ms=args.pipeweaver_search_budget_ms,
+        workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
+        fallback=args.pipeweaver_fallback,
+        reference=layout_reference(model, getattr(args, "workload", None), args.seed),
+        seed=args.seed, faults={i: kind for kind, i in args.pipeweaver_inject_fault})
+
+
+def layout_of(settings: ServiceSettings, model: ModelSpec) -> Layout:
+    """The layout the planner service cuts for these settings (PlannerService.start)."""
+    if settings.schedule == PIPEWEAVER:
+        return partition(make_costs(settings, model), num_ranks=settings.pp,
+                         reference=settings.reference).layout
+    return baseline_layout(model, settings.schedule, settings.pp)
+
+
+def run_layout(args: argparse.Namespace) -> Layout:
+    """The layout of a --pipeweaver run with --pipeweaver-model-config, from its flags."""
+    parallel = parse_time_parallel(args)
+    model = load_model(args.pipeweaver_model_config, parallel)
+    settings = service_settings(args, model, parallel, parallel["pp"], parallel["tp"])
+    return layout_of(settings, model)
+
+
+def choose_virtual_stages(args: argparse.Namespace) -> int | None:
+    """Set args.num_virtual_stages_per_pipeline_rank to the stages per rank of the run's
+    layout (None for one, as Megatron has it) and return it; a different V given on the
+    command line raises VirtualStagesError. PP 1 is left alone (Megatron builds one chunk
+    whatever V says; the providers explain what to pass)."""
+    if args.pipeline_model_parallel_size == 1 or not args.pipeweaver_model_config:
+        return args.num_virtual_stages_per_pipeline_rank
+    layout = run_layout(args)
+    counts = {len(layout.stages_of_rank(r)) for r in range(layout.num_ranks)}
+    if len(counts) != 1:
+        raise VirtualStagesError(f"the run's layout gives the pipeline ranks {sorted(counts)} "
+                                 "stages; Megatron builds the same number on every rank")
+    stages = counts.pop()
+    chosen = None if stages == 1 else stages
+    given = args.num_virtual_stages_per_pipeline_rank
+    if given not in (None, stages) or (given is None and getattr(
+            args, "num_layers_per_virtual_pipeline_stage", None) is not None):
+        raise VirtualStagesError(
+            f"--num-virtual-stages-per-pipeline-rank {given}: the run's layout gives every "
+            f"pipeline rank {stages} stages; drop the flag (PipeWeaver sets it) or pass {stages}")
+    args.num_virtual_stages_per_pipeline_rank = chosen
+    if int(os.environ.get("RANK", "0")) == 0:
+        owned = ["+".join(f"{p.module}[{p.first_layer}:{p.last_layer}]" for p in s.parts)
+                 for s in layout.stages_of_rank(0)]
+        print(f"pipeweaver: the layout gives each of the {layout.num_ranks} pipeline ranks "
+              f"{stages} stages (rank 0: {', '.join(owned)}): "
+              f"--num-virtual-stages-per-pipeline-rank {stages}", file=sys.stderr, flush=True)
+    return chosen
+
+
+def wrap_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser, whose parse_known_args (parse_args calls it) chooses V under
+    --pipeweaver right after parsing, before Megatron's validate_args reads it."""
+    parse: Callable = parser.parse_known_args
+
+    def parse_known_args(*a, **kw):
+        namespace, rest = parse(*a, **kw)
+        if getattr(namespace, "pipeweaver", False) and hasattr(
+                namespace, "num_virtual_stages_per_pipeline_rank"):
+            choose_virtual_stages(namespace)
+        return namespace, rest
+
+    parser.parse_known_args = parse_known_args
+    return parser

@@ -43,7 +43,11 @@ out = {
                   config.ffn_hidden_size, config.num_attention_heads,
                   config.num_query_groups or config.num_attention_heads,
                   config.gated_linear_unit, args.padded_vocab_size,
-                  args.untie_embeddings_and_output_weights],
+                  # pretrain_vlm.py passes no share_embeddings_and_output_weights:
+                  __import__("inspect").signature(__import__(
+                      "megatron.core.models.multimodal.llava_model", fromlist=["x"]
+                  ).LLaVAModel).parameters["share_embeddings_and_output_weights"].default
+                  is False],
   "vision": [vision.num_layers, vision.hidden_size, vision.ffn_hidden_size],
   "megatron_vision": [args.encoder_num_layers, config.hidden_size, config.ffn_hidden_size],
   "image_lm_tokens": vision.image.lm_tokens(77, 1000),
@@ -127,3 +131,16 @@ def test_a_contradicting_model_config_names_both_values():
     assert "vision.hidden_size is 128 in tiny-vlm, 64" in text
     assert "num_layers" not in text  # 8 and 8 agree
     check_agrees(derived, derived, "itself")
+
+
+def test_a_derived_spec_travels_as_yaml_and_loads_back_equal(tmp_path):
+    import yaml
+
+    from pipeweaver_megatron.config import spec_document
+
+    derived = spec_from_args(namespace(disable_vision_class_token=True))
+    path = tmp_path / "derived.yaml"
+    path.write_text(yaml.safe_dump(spec_document(derived)))
+    loaded = load_model(path)
+    assert (loaded.modules, loaded.topology, loaded.parallel) == (
+        derived.modules, derived.topology, derived.parallel)

@@ -127,6 +127,23 @@ def _build_module(entry: Any, source: str, key: str) -> ModuleSpec:
     return build_dataclass(ModuleSpec, entry, source, key)
 
 
+def spec_document(model: ModelSpec) -> dict[str, Any]:
+    """A spec as the YAML document load_model reads back into an equal spec (a spec
+    derived from Megatron-LM's flags travels to the planner workers this way)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                    if getattr(value, f.name) is not None}
+        return value
+
+    fields = {k: getattr(model, k) for k in ("name", "description", "hardware", "dataset")}
+    return {**fields, "modules": [plain(m) for m in model.modules],
+            "topology": [f"{src} -> {dst}" for src, dst in model.topology],
+            "parallel": plain(model.parallel)}
+
+
 def _parse_topology(value: Any, source: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, list):
         raise ConfigError(source, "topology", 'must be a list of chains like "vision -> lm"')
@@ -203,5 +220,5 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     raise ConfigError(source, key, f"unsupported field type {hint}")  # pragma: no cover
 
 
-__all__ = ["load_model", "resolve_model", "list_models", "config_dir", "build_dataclass",
+__all__ = ["load_model", "resolve_model", "list_models", "config_dir", "build_dataclass", "spec_document",
            "ImageRule", "VideoRule"]

@@ -13,8 +13,9 @@ pretrain_vlm.py's model_provider reads:
   hidden size out;
 - language_model (GPT): --decoder-num-layers (else --num-layers), --hidden-size,
   --ffn-hidden-size, --num-attention-heads, --num-query-groups under
-  --group-query-attention, --swiglu, the tokenizer's padded vocabulary, and
-  --untie-embeddings-and-output-weights.
+  --group-query-attention, --swiglu and the tokenizer's padded vocabulary; its output
+  layer is untied (LLaVAModel's default, which pretrain_vlm.py keeps); pretrain_gpt.py's
+  follows --untie-embeddings-and-output-weights.
 
 A microbatch is --micro-batch-size (1) sequence of the LM's --decoder-seq-length tokens
 (pretrain_vlm.py sets it to the text length plus the image tokens) with one tile per
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from ..config import ImageRule, ModelSpec, ModuleKind, ModuleSpec, ParallelSpec
@@ -100,7 +102,10 @@ def _ffn(args: argparse.Namespace) -> int:
 def llava_modules(args: argparse.Namespace) -> tuple[ModuleSpec, ...]:
     """pretrain_vlm.py's CLIP ViT, MLP projector and GPT (see the module docstring)."""
     _require(args, "encoder_num_layers", "img_h", "img_w", "patch_dim")
-    lm = language_module(args)
+    # LLaVAModel's share_embeddings_and_output_weights defaults to False and
+    # pretrain_vlm.py does not pass it: its LM has an output layer of its own whatever
+    # --untie-embeddings-and-output-weights says.
+    lm = dataclasses.replace(language_module(args), untie_embeddings=True)
     rule = ImageRule(patch_size=args.patch_dim, merge_size=1, image_size=args.img_h,
                      fixed_height=args.img_h, fixed_width=args.img_w,
                      class_tokens=CLASS_TOKEN_LEN,
@@ -118,8 +123,12 @@ def parallel_from_args(args: argparse.Namespace) -> ParallelSpec:
     """Megatron's parallel and batch flags as a ParallelSpec."""
     tp = _get(args, "tensor_model_parallel_size", 1)
     pp = _get(args, "pipeline_model_parallel_size", 1)
-    world = _get(args, "world_size", tp * pp)
-    dp = _get(args, "data_parallel_size", max(1, world // (tp * pp)))
+    cp = _get(args, "context_parallel_size", 1)
+    # Megatron sets world_size and data_parallel_size after its parser ran; the
+    # launcher's WORLD_SIZE is there from the start.
+    world = _get(args, "world_size") or int(os.environ.get(
+        "WORLD_SIZE", os.environ.get("SLURM_NTASKS", tp * pp * cp)))
+    dp = _get(args, "data_parallel_size", max(1, world // (tp * pp * cp)))
     tokens = _get(args, "decoder_seq_length") or _get(args, "seq_length")
     if not tokens:
         raise FlagError("--pipeweaver needs the LM sequence length: pass --seq-length")
@@ -149,6 +158,30 @@ def spec_from_args(args: argparse.Namespace, *, hardware: str = "H800") -> Model
 
 _COMPARED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "query_groups", "gated_mlp", "vocab_size", "untie_embeddings")
+
+
+PLANNING_VOCAB = 32000
+"""The vocabulary the planner prices when the flags leave it to the tokenizer (no
+--vocab-size): the layout is cut before Megatron builds its tokenizer."""
+
+
+def planning_spec(args: argparse.Namespace, *, hardware: str = "H800") -> ModelSpec:
+    """The spec the planner and SEMU use for the script's model, from the flags alone,
+    so that it is the same when the parser cuts the layout (virtual_stages) and when the
+    run starts: the vocabulary is --vocab-size (PLANNING_VOCAB without it; the
+    tokenizer's padding moves the embedding's cost by a few rows), and pretrain_vlm.py's
+    LM sequence is --dataloader-seq-length (else --seq-length) plus the image tokens of
+    every sample's tile, which is what its model_provider sets --decoder-seq-length to
+    (the run checks that it did)."""
+    fixed = argparse.Namespace(**vars(args))
+    fixed.padded_vocab_size = _get(args, "vocab_size") or PLANNING_VOCAB
+    if is_vlm(args):
+        rule = llava_modules(fixed)[0].image
+        text = _get(args, "dataloader_seq_length") or _get(args, "seq_length")
+        if not text:
+            raise FlagError("--pipeweaver needs the text length: pass --seq-length")
+        fixed.decoder_seq_length = text + rule.lm_tokens(rule.fixed_height, rule.fixed_width)
+    return spec_from_args(fixed, hardware=hardware)
 
 
 def check_agrees(config: ModelSpec, derived: ModelSpec, config_name: str) -> None:

@@ -13,6 +13,7 @@ from ..planner import split_batch
 from ..planner.iteration import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
 from ..service import PlannerService, PrefetchingIterator
+from ..service.fallback import fallback_plan, static_plan
 from ..service.worker import make_costs
 from .virtual_stages import layout_reference, service_settings
 from ..workload import TokenRules, sample_workload
@@ -41,7 +42,11 @@ class PlanFeed:
     --pipeweaver-lookahead batches ahead, falling back when a plan is late or invalid)
     and broadcasts the run's layout once and each iteration's plan to the group."""
 
-    def __init__(self, args, model, batches, topo, group, parallel: dict | None = None) -> None:
+    def __init__(self, args, model, batches, topo, group, parallel: dict | None = None,
+                 model_file: str | None = None) -> None:
+        """batches: every iteration's GlobalBatch (a list), or an iterator that yields
+        them from the first iteration trained on; model_file: where the planner
+        workers load the spec (default --pipeweaver-model-config)."""
         self.args, self.model, self.batches, self.topo, self.group = args, model, batches, topo, group
         self.rules = TokenRules.from_model(model)
         self.schedule = args.pipeweaver_schedule
@@ -49,7 +54,9 @@ class PlanFeed:
         self.first = dist.get_rank() == self.root
         self.service = self.prefetch = self.costs = None
         if self.first:
-            settings = service_settings(args, model, parallel or {}, topo.pp, topo.tp)
+            settings = service_settings(args, model, parallel or {}, topo.pp, topo.tp,
+                                        model_file)
+            self.dtype = settings.dtype
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
             self.service = PlannerService(settings).start()
         payload = [(self.service.layout, self.service.chunks) if self.first else None]
@@ -63,7 +70,8 @@ class PlanFeed:
         """Plan from `iteration` on (after a resume, the batches before it are done)."""
         self.iteration = iteration
         if self.first:
-            self.prefetch = iter(PrefetchingIterator(self.batches[iteration:], self.service,
+            source = self.batches[iteration:] if isinstance(self.batches, list) else self.batches
+            self.prefetch = iter(PrefetchingIterator(source, self.service,
                                                      self.args.pipeweaver_lookahead, start=iteration))
 
     def next_plan(self) -> IterationPlan:
@@ -74,6 +82,22 @@ class PlanFeed:
         self.fallbacks += self.info.source == "fallback"
         self.iteration += 1
         return plan
+
+    def plan_now(self, batch) -> IterationPlan:
+        """A plan of `batch` built at once, without the search (evaluation runs forward
+        only): the static order of the run's chunks, or the fallback schedule; the
+        same on every rank of the group."""
+        payload = [self._static(batch) if self.first else None]
+        dist.broadcast_object_list(payload, src=self.root, group=self.group)
+        return payload[0]
+
+    def _static(self, batch) -> IterationPlan:
+        service, settings = self.service, self.service.settings
+        if service.chunks is not None:
+            return static_plan(service.costs, service.chunks, batch, service.rules, service.tp,
+                               settings.dtype)
+        return fallback_plan(service.model, batch, service.rules, settings.fallback,
+                             service.pp, service.tp, settings.dtype)
 
     def _take(self, iteration: int) -> tuple[IterationPlan, _Info]:
         index, _ = next(self.prefetch)

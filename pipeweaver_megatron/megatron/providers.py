@@ -75,6 +75,14 @@ def requested(argv: Sequence[str] | None = None) -> bool:
     return "--pipeweaver" in (sys.argv[1:] if argv is None else argv)
 
 
+def configured(argv: Sequence[str] | None = None) -> bool:
+    """--pipeweaver-model-config is on the command line: the YAML model and its synthetic
+    workload train (the paper setups); without it the script's own model and data do."""
+    given = sys.argv[1:] if argv is None else argv
+    return any(a == "--pipeweaver-model-config" or a.startswith("--pipeweaver-model-config=")
+               for a in given)
+
+
 def with_pipeweaver(pretrain: Callable[..., Any]) -> Callable[..., Any]:
     """Megatron's pretrain with the --pipeweaver flags and, under --pipeweaver, this
     module's providers, forward step and forward_backward (see the module docstring).
@@ -90,6 +98,11 @@ def with_pipeweaver(pretrain: Callable[..., Any]) -> Callable[..., Any]:
         kwargs["extra_args_provider"] = chain_args(kwargs.get("extra_args_provider"))
         if not requested():
             return pretrain(datasets, model, model_type, step, *rest, **kwargs)
+        if not configured():
+            from .user_run import user_pretrain
+
+            return user_pretrain(pretrain, datasets, model, model_type, step, rest, kwargs,
+                                 lambda: megatron_args())
         kwargs["args_defaults"] = {**kwargs.get("args_defaults", {}), "dataloader_type": "external"}
         kwargs["get_embedding_ranks"] = kwargs["get_position_embedding_ranks"] = embedding_ranks
         install(forward_backward)

@@ -30,6 +30,7 @@ from ..service import ServiceSettings
 from ..service.fallback import baseline_layout
 from ..service.worker import make_costs
 from ..workload import sample_workload
+from .model_args import planning_spec
 
 
 class VirtualStagesError(ValueError):
@@ -58,16 +59,25 @@ def layout_reference(model: ModelSpec, workload: str | None, seed: int):
     return sample_workload(model, workload or model.dataset, 1, seed * 1000)[0]
 
 
+def message_dtype(args: argparse.Namespace) -> str:
+    """The activations' dtype between stages: Float16Module's under --bf16 / --fp16."""
+    if getattr(args, "bf16", False):
+        return "bfloat16"
+    return "float16" if getattr(args, "fp16", False) else "float32"
+
+
 def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[str, int],
-                     pp: int, tp: int) -> ServiceSettings:
-    """The planner service's settings of a run with these flags."""
+                     pp: int, tp: int, model_file: str | None = None) -> ServiceSettings:
+    """The planner service's settings of a run with these flags. model_file: where the
+    workers load the spec (default --pipeweaver-model-config)."""
     hardware = args.pipeweaver_hardware
     if hardware is None and args.pipeweaver_calibration:
         from ..semu import load_calibration
 
         hardware = load_calibration(args.pipeweaver_calibration).hardware
     return ServiceSettings(
-        model=args.pipeweaver_model_config, parallel=dict(parallel), hardware=hardware
+        model=model_file or args.pipeweaver_model_config, parallel=dict(parallel),
+        dtype=message_dtype(args), hardware=hardware
         or model.hardware, calibration=args.pipeweaver_calibration, pp=pp, tp=tp,
         schedule=args.pipeweaver_schedule, budget_ms=args.pipeweaver_search_budget_ms,
         workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
@@ -84,11 +94,20 @@ def layout_of(settings: ServiceSettings, model: ModelSpec) -> Layout:
     return baseline_layout(model, settings.schedule, settings.pp)
 
 
-def run_layout(args: argparse.Namespace) -> Layout:
-    """The layout of a --pipeweaver run with --pipeweaver-model-config, from its flags."""
-    parallel = parse_time_parallel(args)
-    model = load_model(args.pipeweaver_model_config, parallel)
-    settings = service_settings(args, model, parallel, parallel["pp"], parallel["tp"])
+def run_spec(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, int]]:
+    """The run's spec and the parallel overrides the planner workers apply to it:
+    --pipeweaver-model-config with the flags' parallel settings, or the model of the
+    script's own flags (model_args.planning_spec, which holds them already)."""
+    if args.pipeweaver_model_config:
+        parallel = parse_time_parallel(args)
+        return load_model(args.pipeweaver_model_config, parallel), parallel
+    return planning_spec(args), {}
+
+
+def run_layout(args: argparse.Namespace, model: ModelSpec, parallel: dict[str, int]) -> Layout:
+    """The layout of a --pipeweaver run, from its flags and spec."""
+    pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
+    settings = service_settings(args, model, parallel, pp, tp, model_file=model.name)
     return layout_of(settings, model)
 
 
@@ -97,9 +116,12 @@ def choose_virtual_stages(args: argparse.Namespace) -> int | None:
     layout (None for one, as Megatron has it) and return it; a different V given on the
     command line raises VirtualStagesError. PP 1 is left alone (Megatron builds one chunk
     whatever V says; the providers explain what to pass)."""
-    if args.pipeline_model_parallel_size == 1 or not args.pipeweaver_model_config:
+    model, parallel = run_spec(args)
+    args.pipeweaver_spec = model
+    if args.pipeline_model_parallel_size == 1:
         return args.num_virtual_stages_per_pipeline_rank
-    layout = run_layout(args)
+    layout = run_layout(args, model, parallel)
+    args.pipeweaver_layout = layout
     counts = {len(layout.stages_of_rank(r)) for r in range(layout.num_ranks)}
     if len(counts) != 1:
         raise VirtualStagesError(f"the run's layout gives the pipeline ranks {sorted(counts)} "

@@ -1,0 +1,108 @@
+"""The user's model: what the script's own model_provider builds, as a LlavaRecipe.
+
+pretrain_vlm.py's model_provider derives three TransformerConfigs, the layer specs and
+the sequence lengths from Megatron's flags (and sets args.decoder_seq_length,
+args.dataloader_seq_length and args.max_position_embeddings, which its dataset provider
+reads), then builds megatron-core's LLaVAModel and freezes what --freeze-LM /
+--freeze-ViT say. capture_llava runs that provider once with the LLaVAModel name of the
+script's module bound to a recorder, so PipeWeaver's chunks are built from exactly the
+arguments the script passes, whatever the user changed in their copy of the script; no
+LLaVAModel (and no weight) is built for it. recipe_of turns the record into the
+LlavaRecipe the chunk parts take (models/llava.py) and refuses, in one message, what the
+parts do not implement.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .model_args import FlagError
+
+_UNSUPPORTED = {
+    "pixel_shuffle": (False, "pixel shuffle"),
+    "tile_tags": (None, "tile tags"),
+    "max_num_tiles": (0, "tiling with max_num_tiles"),
+    "share_embeddings_and_output_weights": (False, "tied input and output embeddings"),
+    "hybrid_override_pattern": (None, "a hybrid (Mamba) language model"),
+    "use_vision_backbone_fp8_arch": (False, "an FP8 vision backbone"),
+    "allow_missing_vision_projection_checkpoint": (False, "a missing projector checkpoint"),
+    "vision_projection_type": ("mlp", "a projector other than 'mlp'"),
+    "fp16_lm_cross_entropy": (False, "--fp16-lm-cross-entropy"),
+}
+"""LLaVAModel arguments the chunk parts implement only at these values."""
+
+
+@dataclass(frozen=True)
+class ScriptModel:
+    """The arguments of the script's LLaVAModel(...) call and of its freeze(...)."""
+
+    kwargs: dict[str, Any]
+    freeze: dict[str, bool] = field(default_factory=dict)
+
+
+def capture_llava(model_provider: Callable[..., Any], **call: Any) -> ScriptModel:
+    """Run the script's model_provider with its LLaVAModel replaced by a recorder and
+    return what it was called with. call: the provider's keyword arguments."""
+    names = model_provider.__globals__
+    original = names.get("LLaVAModel")
+    if original is None:
+        raise FlagError("--pipeweaver: the script's model_provider does not build "
+                        "megatron-core's LLaVAModel (pretrain_vlm.py's does)")
+    signature = inspect.signature(original.__init__)
+    record: dict[str, Any] = {}
+
+    class Recorder:
+        """Stands in for LLaVAModel while the provider runs; builds nothing."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            record["kwargs"] = {k: v for k, v in bound.arguments.items() if k != "self"}
+
+        def freeze(self, freeze_language_model: bool = False, freeze_vision_model: bool = False,
+                   freeze_vision_projection: bool = False) -> None:
+            record["freeze"] = {"language_model": freeze_language_model,
+                                "vision_model": freeze_vision_model,
+                                "vision_projection": freeze_vision_projection}
+
+    names["LLaVAModel"] = Recorder
+    try:
+        model_provider(**call)
+    finally:
+        names["LLaVAModel"] = original
+    if "kwargs" not in record:
+        raise FlagError("--pipeweaver: the script's model_provider returned without "
+                        "building LLaVAModel")
+    return ScriptModel(record["kwargs"], record.get("freeze", {}))
+
+
+def recipe_of(model: ScriptModel):
+    """The LlavaRecipe of the script's LLaVAModel call (models/llava.py)."""
+    from ..models.llava import LlavaRecipe
+
+    kw = model.kwargs
+    problems = [f"{what} ({name}={kw[name]!r})" for name, (ok, what) in _UNSUPPORTED.items()
+                if name in kw and kw[name] != ok]
+    if kw.get("hybrid_attention_ratio", 1.0) != 1.0 or kw.get("hybrid_mlp_ratio", 1.0) != 1.0:
+        problems.append("hybrid attention or MLP ratios")
+    if problems:
+        raise FlagError("--pipeweaver cannot cut this LLaVA into chunks yet: "
+                        + "; ".join(problems))
+    return LlavaRecipe(
+        language_config=kw["language_transformer_config"],
+        vision_config=kw["vision_transformer_config"],
+        projection_config=kw["vision_projection_config"],
+        language_layer_spec=kw["language_transformer_layer_spec"],
+        vision_layer_spec=kw["vision_transformer_layer_spec"],
+        projection_submodules=kw["vision_projection_layer_spec"],
+        vocab_size=kw["language_vocab_size"],
+        max_sequence_length=kw["language_max_sequence_length"],
+        img_h=kw["img_h"], img_w=kw["img_w"], patch_dim=kw["patch_dim"],
+        drop_vision_class_token=kw["drop_vision_class_token"],
+        position_embedding_type=kw["language_position_embedding_type"],
+        rotary_percent=kw["language_rotary_percent"],
+        rotary_base=kw["language_rotary_base"], rope_scaling=kw["language_rope_scaling"],
+        rope_scaling_factor=kw["language_rope_scaling_factor"],
+        image_token_index=kw["image_token_index"], parallel_output=kw["parallel_output"])

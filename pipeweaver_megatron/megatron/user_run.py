@@ -1,0 +1,280 @@
+"""--pipeweaver on the user's own model and data, inside Megatron's own pretrain().
+
+Without --pipeweaver-model-config, with_pipeweaver (providers.py) hands Megatron's
+pretrain the script's own dataset provider and:
+
+- model_provider: the chunk of this rank's virtual stage, built from what the script's
+  model_provider passes to LLaVAModel (script_model.capture_llava) and cut by the run's
+  layout (chosen by the wrapped parser, virtual_stages); --freeze-LM / --freeze-ViT as
+  the script's freeze() call says;
+- forward_step: the chunk on the (sub-)microbatch the runtime hands it, with the loss
+  reported as "lm loss" (pretrain_gpt.py's loss_func convention: the masked sum and the
+  loss tokens);
+- forward_backward (install()): the iteration's microbatches read from Megatron's data
+  iterator by the script's get_batch ahead of training (script_data.ScriptBatches),
+  planned by the planner service and run by the PipeWeaverSchedule; an evaluation call
+  (forward_only, the valid iterator) reads its own microbatches and runs the static
+  order of the run's chunks.
+
+The run starts at the first model_provider call, after Megatron initialised
+torch.distributed and parallel_state; the spec the planner prices is the one the parser
+cut the layout with (args.pipeweaver_spec, model_args.planning_spec), checked against
+what the script built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from ..config import ModelSpec, ModuleKind, spec_document
+from ..ir import Layout
+from ..workload import TokenRules
+from .model_args import FlagError
+from .script_data import ScriptBatches
+from .script_model import ScriptModel, capture_llava, recipe_of
+
+
+@dataclass
+class UserRun:
+    """What the user path's providers share in one process."""
+
+    args: argparse.Namespace
+    spec: ModelSpec
+    script: ScriptModel
+    recipe: Any
+    """models.llava.LlavaRecipe of the script's LLaVAModel call."""
+    layout: Layout
+    pipeline_rank: int
+    tp: int
+    feed: Any
+    """plans.PlanFeed over the training data read ahead."""
+    schedule: Any
+    """runtime.PipeWeaverSchedule of training."""
+    train: ScriptBatches
+    convert: Callable[[Any, int], Any]
+    get_batch: Callable[[Any], Any]
+    workdir: tempfile.TemporaryDirectory
+    evals: dict[int, ScriptBatches] = field(default_factory=dict)
+    started: bool = False
+
+    def close(self) -> None:
+        self.feed.close()
+        self.workdir.cleanup()
+
+
+def check_built(args: argparse.Namespace, spec: ModelSpec, recipe: Any) -> None:
+    """The spec the layout was cut with must describe what the script built."""
+    lm = spec.language_model
+    vision = spec.modules_of(ModuleKind.VISION_ENCODER)[0]
+    built = {"LM layers": (lm.num_layers, recipe.language_config.num_layers),
+             "ViT layers": (vision.num_layers, recipe.vision_config.num_layers),
+             "LM hidden size": (lm.hidden_size, recipe.language_config.hidden_size),
+             "LM sequence": (spec.parallel.microbatch_tokens, args.decoder_seq_length),
+             "data-parallel size": (spec.parallel.dp, args.data_parallel_size)}
+    wrong = [f"{what} {planned} planned, {actual} built" for what, (planned, actual)
+             in built.items() if planned != actual]
+    if wrong:
+        raise FlagError("--pipeweaver: the layout was cut for another model than the "
+                        "script built: " + "; ".join(wrong))
+
+
+def start_user_run(args: argparse.Namespace, script_provider: Callable[..., Any],
+                   get_batch: Callable[[Any], Any] | None, **call: Any) -> UserRun:
+    """Capture the script's model, check it against the planned spec, start the plan
+    feed (planner service on the first rank of each model-parallel group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from ..models.llava_data import llava_microbatch
+    from ..runtime import PipeWeaverSchedule
+    from .plans import PlanFeed
+    from .trainer import check_replicas_agree, current_topology, local_device
+
+    if get_batch is None:
+        raise FlagError("--pipeweaver: the script's forward_step has no get_batch to read "
+                        "its microbatches with (pretrain_vlm.py's has)")
+    script = capture_llava(script_provider, **call)
+    recipe = recipe_of(script)
+    spec = args.pipeweaver_spec
+    check_built(args, spec, recipe)
+    topo = current_topology(local_device())
+    convert = lambda batch, index: llava_microbatch(batch, recipe, index)  # noqa: E731
+    start = getattr(args, "iteration", 0) or 0
+    rule = spec.modules_of(ModuleKind.VISION_ENCODER)[0].image
+    train = ScriptBatches(get_batch, convert, spec.parallel.num_microbatches,
+                          (rule.fixed_height, rule.fixed_width), start, args.train_iters - 1)
+    workdir = tempfile.TemporaryDirectory(prefix="pipeweaver-spec-")
+    model_file = os.path.join(workdir.name, "model.yaml")
+    with open(model_file, "w") as out:
+        yaml.safe_dump(spec_document(spec), out)
+    feed = PlanFeed(args, spec, train.planned(), topo, parallel_state.get_model_parallel_group(),
+                    {}, model_file=model_file)
+    try:
+        planned = getattr(args, "pipeweaver_layout", None)
+        if planned is not None and planned != feed.layout:
+            raise FlagError("--pipeweaver: the planner service cut another layout than the "
+                            "parser did (the virtual stages follow the parser's)")
+        check_replicas_agree(feed.layout, parallel_state.get_data_parallel_group())
+    except Exception:
+        feed.close()
+        workdir.cleanup()
+        raise
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    schedule = PipeWeaverSchedule(feed.next_plan, spec, TokenRules.from_model(spec), topo.p_rank,
+                                  dist.get_process_group_ranks(pp_group), pp_group)
+    return UserRun(args=args, spec=spec, script=script, recipe=recipe, layout=feed.layout,
+                   pipeline_rank=topo.p_rank, tp=topo.tp, feed=feed, schedule=schedule,
+                   train=train, convert=convert, get_batch=get_batch, workdir=workdir)
+
+
+def build_chunk(run: UserRun, stage_index: int, config: Any = None, pg_collection: Any = None):
+    """The LMMChunk of one stage of the run's layout from the script's recipe, with the
+    script's freeze() applied; chunk.config is the LM's TransformerConfig (Megatron's
+    train loop sets its hooks there)."""
+    from ..models import stage_chunk
+
+    args = run.args
+    chunk = stage_chunk(run.spec, run.layout, stage_index, tp=run.tp, recipe=run.recipe,
+                        seed=args.seed)
+    for module, frozen in run.script.freeze.items():
+        if frozen and hasattr(chunk, module):
+            for param in getattr(chunk, module).parameters():
+                param.requires_grad_(False)
+    chunk.config = config if config is not None else run.recipe.language_config
+    if pg_collection is None:  # Megatron's train loop reads it from model[0]
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    chunk.pg_collection = pg_collection
+    return chunk
+
+
+def run_forward_backward(run: UserRun, **kwargs: Any) -> list:
+    """Megatron's forward_backward call on the microbatches read ahead (training) or
+    read now (evaluation: forward only, the static order of the run's chunks)."""
+    iterator = kwargs["data_iterator"]
+    if isinstance(iterator, (list, tuple)):
+        iterator = next((it for it in iterator if it is not None), None)
+    if kwargs.get("forward_only"):
+        return _evaluate(run, iterator, **kwargs)
+    feed = run.feed
+    if not run.started:
+        feed.start(run.train.next_read)
+        run.started = True
+    run.train.fill(iterator, feed.iteration + run.args.pipeweaver_lookahead)
+    data = run.train.take(feed.iteration)
+    return run.schedule(**{**kwargs, "data_iterator": iter(data)})
+
+
+def _evaluate(run: UserRun, iterator: Any, **kwargs: Any) -> list:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from ..runtime import PipeWeaverSchedule
+
+    spec = run.spec
+    reader = run.evals.get(id(iterator))
+    if reader is None:
+        reader = run.evals[id(iterator)] = ScriptBatches(
+            run.get_batch, run.convert, kwargs["num_microbatches"],
+            run.train.image_size)
+    reader.count = kwargs["num_microbatches"]
+    step = reader.next_read
+    reader.fill(iterator, step)
+    data = reader.take(step)
+    batch = next(reader.planned())
+    plan = run.feed.plan_now(batch)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    schedule = PipeWeaverSchedule(lambda: plan, spec, TokenRules.from_model(spec),
+                                  run.pipeline_rank, dist.get_process_group_ranks(pp_group),
+                                  pp_group)
+    return schedule(**{**kwargs, "data_iterator": iter(data)})
+
+
+def check_user_args(args: argparse.Namespace) -> None:
+    """Raise FlagError naming every Megatron flag the user path cannot run yet."""
+    problems = []
+    checks = (
+        (getattr(args, "context_parallel_size", 1) == 1, "context parallelism"),
+        (getattr(args, "rampup_batch_size", None) is None, "--rampup-batch-size (the planner "
+         "needs a fixed number of microbatches per iteration)"),
+        (getattr(args, "micro_batch_size", 1) == 1, "--micro-batch-size other than 1 (a "
+         "PipeWeaver microbatch is one sequence)"),
+        (not getattr(args, "fp8", None), "FP8"),
+        (not getattr(args, "sequence_parallel", False), "--sequence-parallel (the LLaVA "
+         "chunks do not shard the LM's sequence over TP yet)"),
+        (not (getattr(args, "save", None) or getattr(args, "load", None)), "--save / --load "
+         "(Megatron checkpoints of the LLaVA chunks are not written yet)"),
+        (getattr(args, "train_iters", None), "--train-samples (pass --train-iters)"),
+    )
+    problems = [what for ok, what in checks if not ok]
+    if problems:
+        raise FlagError("--pipeweaver with this script does not support: " + "; ".join(problems))
+
+
+def lm_loss(output: Any, non_loss_data: bool = False):
+    """pretrain_gpt.py's loss_func convention for a chunk ending with the LM head: the
+    masked loss sum, the loss tokens and {"lm loss": [sum, tokens]}."""
+    from ..runtime import lmm_loss
+
+    result = lmm_loss(output, non_loss_data)
+    if non_loss_data:
+        return result
+    loss, tokens, report = result
+    return loss, tokens, {"lm loss": report["loss"]}
+
+
+def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provider: Callable,
+                  model_type: Any, script_step: Callable, rest: tuple, kwargs: dict,
+                  megatron_args: Callable[[], argparse.Namespace]) -> Any:
+    """Megatron's pretrain on the script's dataset provider with PipeWeaver's chunks of
+    the script's model, forward step and forward_backward (see the module docstring)."""
+    from .install import install, uninstall
+    from .providers import embedding_ranks, forward_step, megatron_chunks, stage_of
+
+    state: dict[str, UserRun] = {}
+
+    def model_provider(pre_process: bool = True, post_process: bool = True,
+                       vp_stage: int | None = None, config: Any = None,
+                       pg_collection: Any = None):
+        args = megatron_args()
+        if "run" not in state:
+            check_user_args(args)
+            state["run"] = start_user_run(args, script_provider,
+                                          script_step.__globals__.get("get_batch"),
+                                          pre_process=pre_process, post_process=post_process,
+                                          config=config, pg_collection=pg_collection)
+        run = state["run"]
+        stage = stage_of(run.layout, run.pipeline_rank, vp_stage, megatron_chunks(args),
+                         args.pipeline_model_parallel_size)
+        return build_chunk(run, stage.index, pg_collection=pg_collection)
+
+    def step(data_iterator: Any, model: Any) -> tuple:
+        output, _ = forward_step(data_iterator, model)
+        return output, lm_loss
+
+    def forward_backward(**call: Any) -> list:
+        return run_forward_backward(state["run"], **call)
+
+    def datasets_provider(train_val_test_num_samples: Any, vp_stage: int | None = None):
+        # Megatron builds one data iterator per virtual stage; the runtime reads every
+        # microbatch from the first (the plan hands each chunk its part).
+        if vp_stage:
+            return None, None, None
+        return datasets(train_val_test_num_samples)
+
+    datasets_provider.is_distributed = getattr(datasets, "is_distributed", False)
+    kwargs["get_embedding_ranks"] = kwargs["get_position_embedding_ranks"] = embedding_ranks
+    install(forward_backward)
+    try:
+        return pretrain(datasets_provider, model_provider, model_type, step, *rest, **kwargs)
+    finally:
+        if "run" in state:
+            state.pop("run").close()
+        uninstall()

@@ -209,8 +209,12 @@ def check_user_args(args: argparse.Namespace) -> None:
         (not getattr(args, "fp8", None), "FP8"),
         (not getattr(args, "sequence_parallel", False), "--sequence-parallel (the LLaVA "
          "chunks do not shard the LM's sequence over TP yet)"),
-        (not (getattr(args, "save", None) or getattr(args, "load", None)), "--save / --load "
-         "(Megatron checkpoints of the LLaVA chunks are not written yet)"),
+        (not (getattr(args, "save", None) or getattr(args, "load", None))
+         or getattr(args, "ckpt_format", "torch") == "torch", "--ckpt-format other than "
+         "torch with --save / --load (the format pretrain_vlm.py asserts)"),
+        (not getattr(args, "use_distributed_optimizer", False) or not getattr(
+            args, "load", None), "--load with --use-distributed-optimizer (its torch-format "
+         "state is sharded by Megatron's own layout)"),
         (getattr(args, "train_iters", None), "--train-samples (pass --train-iters)"),
     )
     problems = [what for ok, what in checks if not ok]
@@ -271,10 +275,14 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
 
     datasets_provider.is_distributed = getattr(datasets, "is_distributed", False)
     kwargs["get_embedding_ranks"] = kwargs["get_position_embedding_ranks"] = embedding_ranks
+    from .script_checkpoint import install_loader
+
     install(forward_backward)
+    restore_loader = install_loader(lambda: state["run"])
     try:
         return pretrain(datasets_provider, model_provider, model_type, step, *rest, **kwargs)
     finally:
         if "run" in state:
             state.pop("run").close()
+        restore_loader()
         uninstall()

@@ -37,11 +37,26 @@ shards a tp=1 reference for each TP rank and reads either spec's parameter names
 ([Note: TE parameter names]). Sequence parallelism is not available: the local spec's
 norms (WrappedTorchNorm) refuse it. Build chunks on the host and move them with
 ``.to(device)``; data follows with MicrobatchData.to.
+
+[Note: LLaVA chunks] With ``recipe=`` (a models.llava.LlavaRecipe) the parts are
+megatron-core's LLaVAModel as pretrain_vlm.py builds it (models/llava.py): the model's
+modules must be "vision_model" (vision_encoder), "vision_projection" (projector) and
+"language_model", parameters carry LLaVAModel.state_dict()'s names with global layer
+indices (``vision_model.conv1.weight``,
+``vision_model.decoder.layers.1.mlp.linear_fc1.weight``,
+``vision_projection.encoder.linear_fc1.weight``,
+``language_model.embedding.word_embeddings.weight``,
+``language_model.decoder.layers.3.self_attention.linear_qkv.weight``,
+``language_model.decoder.final_layernorm.weight``, ``language_model.output_layer.weight``),
+so a PP-1 LLaVAModel's state_dict loads by name. The recipe's configs and layer specs
+decide dtype, dropout and Transformer Engine (params_dtype, dropout and use_te are not
+used; seed still seeds every layer's initialisation); data comes from
+models.llava_data.llava_microbatch.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +71,9 @@ from .dit import DiTPart
 from .language import LanguageModelPart
 from .layer_specs import local_name, te_usable
 from .vision import ProjectorPart, VisionEncoderPart
+
+if TYPE_CHECKING:
+    from .llava import LlavaRecipe
 
 
 class ChunkResult(NamedTuple):
@@ -88,7 +106,8 @@ class LMMChunk(nn.Module):
 
     def __init__(self, model: ModelSpec, parts: tuple[Part, ...], *, tp: int = 1,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 dropout: float = 0.0, seed: int = 0, use_te: bool | None = None) -> None:
+                 dropout: float = 0.0, seed: int = 0, use_te: bool | None = None,
+                 recipe: LlavaRecipe | None = None) -> None:
         super().__init__()
         if sequence_parallel:
             raise ValueError("sequence parallelism is not supported: megatron-core's local "
@@ -101,15 +120,23 @@ class LMMChunk(nn.Module):
             raise ValueError(f"tp={tp} but parallel_state has tensor-parallel size {world}")
         parts = tuple(parts)
         check_parts(model, parts)
-        self.model, self.parts, self.tp = model, parts, tp
+        self.model, self.parts, self.tp, self.recipe = model, parts, tp, recipe
         self.use_te = te_usable() if use_te is None else use_te
         options = dict(tp=tp, params_dtype=params_dtype, dropout=dropout, seed=seed,
                        use_te=self.use_te)
+        if recipe is not None:
+            _check_recipe(model, recipe, tp)
         for part in parts:
             if hasattr(self, part.module):
                 raise ValueError(f"module name {part.module!r} clashes with an attribute of "
                                  "nn.Module")
-            self.add_module(part.module, _build_part(model, part, options))
+            if recipe is None:
+                built = _build_part(model, part, options)
+            else:
+                from .llava import llava_part
+                built = llava_part(recipe, model.module(part.module).kind.value,
+                                   part.first_layer, part.last_layer, seed=seed)
+            self.add_module(part.module, built)
 
     @property
     def pre_process(self) -> bool:
@@ -154,6 +181,10 @@ class LMMChunk(nn.Module):
                    for name, t in flow.items()}
         return ChunkResult(outputs, loss, tokens)
 
+    def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False) -> dict:
+        """Megatron's torch-format checkpoint hook (MegatronModule's): the state_dict."""
+        return self.state_dict(prefix=prefix, keep_vars=keep_vars)
+
     def describe(self) -> str:
         """The parts as text, e.g. ``vision[0:8]+projector[0:1]+lm[0:2]``."""
         return "+".join(f"{p.module}[{p.first_layer}:{p.last_layer}]" for p in self.parts)
@@ -181,8 +212,13 @@ class LMMChunk(nn.Module):
         return self
 
     def _gated(self, name: str) -> bool:
-        spec = self.model.module(name.split(".", 1)[0])
-        return spec.gated_mlp and ".mlp.linear_fc1." in name
+        module = name.split(".", 1)[0]
+        if self.recipe is not None:
+            from .llava import recipe_config
+            gated = recipe_config(self.recipe, module).gated_linear_unit
+            return gated and (".mlp.linear_fc1." in name or name.startswith(
+                f"{module}.encoder.linear_fc1."))
+        return self.model.module(module).gated_mlp and ".mlp.linear_fc1." in name
 
 
 def shard(full: Tensor, param: Tensor, gated: bool, rank: int, world: int) -> Tensor:
@@ -198,6 +234,28 @@ def shard(full: Tensor, param: Tensor, gated: bool, rank: int, world: int) -> Te
     return full.chunk(world, dim=dim)[rank]
 
 
+def _check_recipe(model: ModelSpec, recipe: LlavaRecipe, tp: int) -> None:
+    """The model's modules are LLaVA's, with the recipe's layers ([Note: LLaVA chunks])."""
+    from .llava import LANGUAGE_MODEL, VISION_MODEL, VISION_PROJECTION, recipe_config
+
+    names = {ModuleKind.VISION_ENCODER: VISION_MODEL, ModuleKind.PROJECTOR: VISION_PROJECTION,
+             ModuleKind.LANGUAGE_MODEL: LANGUAGE_MODEL}
+    for module in model.modules:
+        if names.get(module.kind) != module.name:
+            raise ValueError(f"a LLaVA recipe needs modules {sorted(names.values())}; "
+                             f"{model.name} has {module.kind.value} {module.name!r}")
+        config = recipe_config(recipe, module.name)
+        if module.kind != ModuleKind.PROJECTOR and config.num_layers != module.num_layers:
+            raise ValueError(f"{module.name!r} has {module.num_layers} layers in the model "
+                             f"spec, {config.num_layers} in the recipe")
+        if config.tensor_model_parallel_size != tp:
+            raise ValueError(f"{module.name!r}: tp={tp} but the recipe's config has "
+                             f"tensor_model_parallel_size {config.tensor_model_parallel_size}")
+        if config.sequence_parallel or config.context_parallel_size != 1:
+            raise ValueError(f"{module.name!r}: LLaVA chunks run without sequence or context "
+                             "parallelism")
+
+
 def _build_part(model: ModelSpec, part: Part, options: dict) -> nn.Module:
     kind = model.module(part.module).kind
     if kind == ModuleKind.PROJECTOR:
@@ -210,11 +268,12 @@ def _build_part(model: ModelSpec, part: Part, options: dict) -> nn.Module:
 
 def build_reference(model: ModelSpec, **options) -> LMMChunk:
     """One chunk holding every layer of the model: the single-process reference.
-    options: LMMChunk's keyword options."""
+    options: LMMChunk's keyword options (recipe= for LLaVA)."""
     parts = tuple(Part(name, 0, model.module(name).num_layers) for name in model.order)
     return LMMChunk(model, parts, **options)
 
 
 def stage_chunk(model: ModelSpec, layout: Layout, stage: int, **options) -> LMMChunk:
-    """The chunk of one stage of a layout. options: LMMChunk's keyword options."""
+    """The chunk of one stage of a layout. options: LMMChunk's keyword options (recipe=
+    for LLaVA)."""
     return LMMChunk(model, layout.stages[stage].parts, **options)

@@ -5,7 +5,7 @@ model_optim_rng.pt holding "model" (or "model0", "model1", ... with virtual stag
 each chunk's state_dict with LLaVAModel's names and the layer indices local to the
 chunk, plus the optimizer, the scheduler, the RNG states and the args.
 
-- A checkpoint saved under --pipeweaver with the same layout (args.pipeweaver_layout)
+- A checkpoint saved under --pipeweaver with the same layout (args.pipeweaver_layout, its id)
   is Megatron's own: its loader reads it unchanged (LMMChunk names are the chunks').
 - Any other (saved by the script without --pipeweaver at any PP, or under another
   layout) is read here: every PP file of this TP rank, layer indices made global with

@@ -18,7 +18,7 @@ pretrain the script's own dataset provider and:
 
 The run starts at the first model_provider call, after Megatron initialised
 torch.distributed and parallel_state; the spec the planner prices is the one the parser
-cut the layout with (args.pipeweaver_spec, model_args.planning_spec), checked against
+cut the layout with (virtual_stages.PARSED, model_args.planning_spec), checked against
 what the script built.
 """
 
@@ -101,7 +101,9 @@ def start_user_run(args: argparse.Namespace, script_provider: Callable[..., Any]
                         "its microbatches with (pretrain_vlm.py's has)")
     script = capture_llava(script_provider, **call)
     recipe = recipe_of(script)
-    spec = args.pipeweaver_spec
+    from .virtual_stages import PARSED, layout_id
+
+    spec = PARSED["spec"]
     check_built(args, spec, recipe)
     topo = current_topology(local_device())
     convert = lambda batch, index: llava_microbatch(batch, recipe, index)  # noqa: E731
@@ -116,8 +118,8 @@ def start_user_run(args: argparse.Namespace, script_provider: Callable[..., Any]
     feed = PlanFeed(args, spec, train.planned(), topo, parallel_state.get_model_parallel_group(),
                     {}, model_file=model_file)
     try:
-        planned = getattr(args, "pipeweaver_layout", None)
-        if planned is not None and planned != feed.layout:
+        planned = PARSED.get("layout")
+        if planned is not None and layout_id(planned) != layout_id(feed.layout):
             raise FlagError("--pipeweaver: the planner service cut another layout than the "
                             "parser did (the virtual stages follow the parser's)")
         check_replicas_agree(feed.layout, parallel_state.get_data_parallel_group())

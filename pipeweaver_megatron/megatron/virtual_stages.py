@@ -18,6 +18,7 @@ Pure Python: the planner side only (no torch, no megatron).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from typing import Callable
@@ -31,6 +32,16 @@ from ..service.fallback import baseline_layout
 from ..service.worker import make_costs
 from ..workload import sample_workload
 from .model_args import planning_spec
+
+
+PARSED: dict = {}
+"""What the parser derived for this process's run: "spec" (the ModelSpec the planner
+prices) and "layout" (the Layout the virtual stages follow)."""
+
+
+def layout_id(layout: Layout) -> str:
+    """A stable text id of a layout (stages, ranks and parts)."""
+    return hashlib.sha256(layout.describe().encode()).hexdigest()[:16]
 
 
 class VirtualStagesError(ValueError):
@@ -117,11 +128,15 @@ def choose_virtual_stages(args: argparse.Namespace) -> int | None:
     command line raises VirtualStagesError. PP 1 is left alone (Megatron builds one chunk
     whatever V says; the providers explain what to pass)."""
     model, parallel = run_spec(args)
-    args.pipeweaver_spec = model
+    PARSED.clear()
+    PARSED["spec"] = model
     if args.pipeline_model_parallel_size == 1:
         return args.num_virtual_stages_per_pipeline_rank
     layout = run_layout(args, model, parallel)
-    args.pipeweaver_layout = layout
+    PARSED["layout"] = layout
+    # Megatron saves its args in every checkpoint and loads them with weights_only:
+    # plain strings only there.
+    args.pipeweaver_layout = layout_id(layout)
     counts = {len(layout.stages_of_rank(r)) for r in range(layout.num_ranks)}
     if len(counts) != 1:
         raise VirtualStagesError(f"the run's layout gives the pipeline ranks {sorted(counts)} "

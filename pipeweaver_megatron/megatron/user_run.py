@@ -214,9 +214,6 @@ def check_user_args(args: argparse.Namespace) -> None:
         (not (getattr(args, "save", None) or getattr(args, "load", None))
          or getattr(args, "ckpt_format", "torch") == "torch", "--ckpt-format other than "
          "torch with --save / --load (the format pretrain_vlm.py asserts)"),
-        (not getattr(args, "use_distributed_optimizer", False) or not getattr(
-            args, "load", None), "--load with --use-distributed-optimizer (its torch-format "
-         "state is sharded by Megatron's own layout)"),
         (getattr(args, "train_iters", None), "--train-samples (pass --train-iters)"),
     )
     problems = [what for ok, what in checks if not ok]

@@ -1,0 +1,123 @@
+"""The drop-in: Megatron-LM's own pretrain_vlm.py with --pipeweaver added, on the user's
+LLaVA (the script's flags) and the script's own data, inside Megatron's real pretrain()
+(get_model, megatron-core DDP and optimizer, train_step, evaluate, checkpoints), run on
+CPU through the stand-in (python -m pipeweaver_megatron.cpu_standin).
+
+The independent reference is the same script without --pipeweaver at PP 1 in one
+process: Megatron's own LLaVAModel and its no-pipelining schedule. Megatron seeds every
+pipeline stage differently, so every run starts from one checkpoint that the reference
+saved (one iteration at learning rate 0), with dropout off; --finetune starts from
+iteration 0 on the same data. Megatron logs every iteration's "lm loss"; with
+--log-interval 1 the second logged loss of a process averages its first two
+iterations (training.py keeps the first in its running totals), so a resumed run's
+second line is compared with that average.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from megatron_lm import ROOT, TORCHRUN, fresh_checkout, run, script_env
+
+LLAVA = ["--encoder-num-layers", "2", "--decoder-num-layers", "4", "--hidden-size", "64",
+         "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "64",
+         "--max-position-embeddings", "256", "--img-h", "32", "--img-w", "32",
+         "--patch-dim", "8", "--micro-batch-size", "1", "--global-batch-size", "4",
+         "--lr", "1e-3", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
+         "--transformer-impl", "local", "--ckpt-format", "torch", "--log-interval", "1",
+         "--mock-data", "--seed", "1234", "--calculate-per-token-loss",
+         "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "2"]
+PIPEWEAVER = ["--pipeweaver", "--pipeline-model-parallel-size", "2", "--pipeweaver-hardware",
+              "cpu", "--pipeweaver-search-budget-ms", "100"]
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
+VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
+_PORT = iter(range(29850, 29900))
+
+
+def megatron(script: Path, flags: list[str], procs: int = 1, cwd: Path | None = None) -> str:
+    """Run a Megatron-LM script through the CPU stand-in; its stdout."""
+    done = run(TORCHRUN, "--nproc-per-node", procs, "--master-port", next(_PORT), "-m",
+               "pipeweaver_megatron.cpu_standin", script, *flags, cwd=cwd or script.parent,
+               env=script_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+def losses(log: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in LOSS.findall(log)}
+
+
+def validation(log: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in VALID.findall(log)}
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory) -> Path:
+    """pretrain_vlm.py of a fresh, patched Megatron-LM checkout at core_v0.16.1."""
+    checkout = fresh_checkout(tmp_path_factory.mktemp("megatron") / "Megatron-LM")
+    done = run("bash", ROOT / "scripts" / "apply_patches.sh", checkout)
+    assert done.returncode == 0, done.stderr
+    return checkout / "pretrain_vlm.py"
+
+
+@pytest.fixture(scope="module")
+def start(vlm, tmp_path_factory) -> Path:
+    """The reference's checkpoint every run starts from (one iteration at lr 0)."""
+    out = tmp_path_factory.mktemp("start")
+    megatron(vlm, [*LLAVA, "--pipeline-model-parallel-size", "1", "--train-iters", "1",
+                   "--lr", "0", "--min-lr", "0", "--eval-iters", "0", "--save", str(out),
+                   "--save-interval", "1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(vlm, start) -> str:
+    """Megatron's own LLaVA at PP 1 in one process, 4 iterations, evaluated at 2 and 4."""
+    return megatron(vlm, [*LLAVA, "--pipeline-model-parallel-size", "1", "--load", str(start),
+                          "--finetune", "--train-iters", "4", "--eval-iters", "1"])
+
+
+def test_pipeweaver_pp2_reproduces_megatron_pp1_and_resumes_exactly(vlm, start, reference,
+                                                                     tmp_path):
+    theirs, their_valid = losses(reference), validation(reference)
+    assert sorted(theirs) == [1, 2, 3, 4] and 2 in their_valid
+    saved = tmp_path / "pipeweaver"
+    # From Megatron's PP-1 checkpoint into PipeWeaver's PP-2 layout (V chosen by the
+    # wrapper), 2 of 4 iterations, evaluated and saved at iteration 2 ...
+    first = megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(start), "--finetune",
+                           "--train-iters", "4", "--exit-interval", "2", "--eval-iters", "1",
+                           "--save", str(saved), "--save-interval", "2"], procs=2)
+    assert "--num-virtual-stages-per-pipeline-rank" in first
+    ours = losses(first)
+    assert sorted(ours) == [1, 2]
+    for i in (1, 2):
+        assert ours[i] == pytest.approx(theirs[i], rel=1e-5), (i, ours, theirs)
+    assert validation(first)[2] == pytest.approx(their_valid[2], rel=1e-5)
+    # ... then resumed under --pipeweaver from its own checkpoint (optimizer, scheduler,
+    # iteration and data position restored by Megatron's loader).
+    second = losses(megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(saved),
+                                   "--train-iters", "4", "--eval-iters", "0"], procs=2))
+    assert sorted(second) == [3, 4]
+    assert second[3] == pytest.approx(theirs[3], rel=1e-5)
+    assert second[4] == pytest.approx((theirs[3] + theirs[4]) / 2, rel=1e-5)
+
+
+def test_bf16_matches_megatron_within_its_own_bf16_error(vlm, start, reference):
+    theirs = losses(reference)
+    their_bf16 = losses(megatron(vlm, [*LLAVA, "--pipeline-model-parallel-size", "1",
+                                       "--load", str(start), "--finetune", "--train-iters", "4",
+                                       "--eval-iters", "0", "--bf16"]))
+    ours = megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(start), "--finetune",
+                          "--train-iters", "4", "--eval-iters", "1", "--bf16",
+                          "--use-distributed-optimizer"], procs=2)
+    bf16 = losses(ours)
+    assert sorted(bf16) == [1, 2, 3, 4] and all(math.isfinite(v) for v in bf16.values())
+    assert bf16[4] < bf16[1] and validation(ours)
+    # The tolerance is what bf16 costs Megatron itself against fp32, per iteration.
+    for i in (1, 2, 3, 4):
+        allowed = max(abs(their_bf16[i] - theirs[i]), 1e-6) * 2
+        assert abs(bf16[i] - their_bf16[i]) <= allowed, (i, bf16, their_bf16, theirs)

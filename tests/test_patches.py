@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,29 +185,32 @@ def stages_per_rank() -> str:
     return str(len(layout.stages_of_rank(0)))
 
 
-def train(script: list[str], tmp_path: Path, port: int, env=None, cwd=None) -> list[float]:
-    done = run(TORCHRUN, "--nproc-per-node", "2", "--master-port", port, *script,
-               cwd=cwd or tmp_path, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [json.loads(line[len("LOSS "):]) for line in done.stdout.splitlines()
-            if line.startswith("LOSS ")]
-
-
-def reference_losses(tmp_path: Path, port: int) -> list[float]:
+def reference_losses(tmp_path: Path, port: int, iterations: int) -> list[float]:
     log = tmp_path / "reference.jsonl"
-    train([ROOT / "scripts" / "pretrain_lmm.py", "--pipeweaver", "--pipeweaver-model-config",
-           "tiny-vlm", "--pipeline-model-parallel-size", "2", "--train-iters", "2",
-           "--lr", "3e-3", "--seed", "1234", "--global-batch-size", "8", "--seq-length", "256",
-           "--transformer-impl", "local", "--pipeweaver-search-budget-ms", "100",
-           "--pipeweaver-log", log], tmp_path, port)
+    done = run(TORCHRUN, "--nproc-per-node", "2", "--master-port", port,
+               ROOT / "scripts" / "pretrain_lmm.py", "--pipeweaver", "--pipeweaver-model-config",
+               "tiny-vlm", "--pipeline-model-parallel-size", "2", "--train-iters", iterations,
+               "--lr", "3e-3", "--seed", "1234", "--global-batch-size", "8", "--seq-length", "256",
+               "--transformer-impl", "local", "--pipeweaver-search-budget-ms", "100",
+               "--pipeweaver-log", log, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
 
 
-def test_patched_vlm_trains_two_ranks_like_pretrain_lmm(patched, tmp_path):
-    losses = train([HARNESS, "train", "pretrain_vlm.py", *FLAGS, *PIPEWEAVER,
-                    "--pipeline-model-parallel-size", "2"],
-                   tmp_path, 29741, env=megatron_env(patched), cwd=patched)
-    assert losses == pytest.approx(reference_losses(tmp_path, 29742), rel=1e-5)
+def test_patched_vlm_runs_the_yaml_model_in_megatrons_own_pretrain(patched, tmp_path):
+    """--pipeweaver-model-config under Megatron's real pretrain() (CPU stand-in): its
+    first loss, before any optimizer step, is the loss scripts/pretrain_lmm.py computes
+    for the same chunks (same seeds) on the same first batch; Megatron's own optimizer
+    and schedule then train it."""
+    done = run(TORCHRUN, "--nproc-per-node", "2", "--master-port", 29741, "-m",
+               "pipeweaver_megatron.cpu_standin", patched / "pretrain_vlm.py", *FLAGS,
+               *PIPEWEAVER, "--train-iters", "3", "--eval-interval", "3",
+               "--pipeline-model-parallel-size", "2", "--log-interval", "1",
+               cwd=tmp_path, env=megatron_env(patched), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = [float(v) for v in re.findall(r"\| loss: ([0-9.E+-]+)", done.stdout)]
+    assert len(logged) == 3 and logged[2] < logged[0], logged
+    assert logged[0] == pytest.approx(reference_losses(tmp_path, 29742, 1)[0], rel=1e-5)
 
 
 # ---- the providers on megatron-core alone ------------------------------------------------
@@ -239,7 +243,8 @@ def test_with_pipeweaver_chains_the_flags_and_swaps_in_the_providers(monkeypatch
     wrapped("data", "model", "type", "step", extra_args_provider=theirs, args_defaults={"a": 1})
     assert (seen["datasets"], seen["model"], seen["step"]) == ("data", "model", "step")
     assert seen["flags"].freeze and seen["flags"].pipeweaver and seen["getter"] is original
-    monkeypatch.setattr(sys, "argv", ["pretrain_vlm.py", "--pipeweaver"])
+    monkeypatch.setattr(sys, "argv", ["pretrain_vlm.py", "--pipeweaver",
+                                      "--pipeweaver-model-config", "tiny-vlm"])
     wrapped("data", "model", "type", "step", extra_args_provider=theirs, args_defaults={"a": 1})
     assert seen["model"] is providers.model_provider and seen["step"] is providers.forward_step
     assert seen["datasets"] is providers.train_valid_test_datasets_provider
@@ -369,61 +374,24 @@ def test_forward_step_runs_the_chunk_under_wrappers(one_process):
     assert loss_func is lmm_loss and output.loss is None and set(output.outputs) == {"hidden"}
 
 
-def test_providers_train_two_ranks_like_pretrain_lmm(tmp_path):
-    losses = train([HARNESS, "core", *PIPEWEAVER[:-2], "--pipeline-model-parallel-size", "2",
-                    "--num-virtual-stages-per-pipeline-rank", stages_per_rank(),
-                    "--train-iters", "2", "--lr", "3e-3", "--seed", "1234",
-                    "--global-batch-size", "8", "--seq-length", "256"], tmp_path, 29743)
-    assert len(losses) == 2
-    assert losses == pytest.approx(reference_losses(tmp_path, 29744), rel=1e-5)
+# ---- harness: python tests/test_patches.py parse SCRIPT FLAGS... runs a patched
+# Megatron-LM script whose pretrain parses the flags with Megatron's parser and reports
+# what with_pipeweaver handed it.
 
-
-# ---- harness: python tests/test_patches.py {core,parse,train} ... (under torchrun for
-# core and train). core: the providers with Megatron-like arguments of our own; parse and
-# train: a patched Megatron-LM script whose pretrain parses with Megatron's parser, then
-# stops (parse) or trains as Megatron's train_step calls forward_backward (train).
-
-def _core(argv: list[str]) -> int:
-    from megatron.core import pipeline_parallel
-
-    from pipeweaver_megatron.megatron import install
-    from pipeweaver_megatron.megatron.optim import HostRunConfig
-
-    parser = arguments.add_arguments(argparse.ArgumentParser())
-    for flag, kind, default in (("--pipeline-model-parallel-size", int, 1),
-                                ("--num-virtual-stages-per-pipeline-rank", int, None),
-                                ("--train-iters", int, 2), ("--lr", float, 1e-3),
-                                ("--seed", int, 1234), ("--global-batch-size", int, 8),
-                                ("--seq-length", int, None)):
-        parser.add_argument(flag, type=kind, default=default)
-    args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    args = megatron_like(**{
-        **vars(args), "data_parallel_size": world // args.pipeline_model_parallel_size,
-        "virtual_pipeline_model_parallel_size": args.num_virtual_stages_per_pipeline_rank})
-    providers.megatron_args = lambda: args
-    install(providers.forward_backward)
-    _train(args, providers.model_provider, providers.train_valid_test_datasets_provider,
-           providers.forward_step, lambda: pipeline_parallel.get_forward_backward_func(),
-           HostRunConfig())
-    return 0
-
-
-def _megatron(mode: str, script: str, flags: list[str]) -> int:
-    import functools
+def _megatron(script: str, flags: list[str]) -> int:
     import runpy
 
     import megatron.training
 
-    megatron.training.pretrain = functools.partial(_pretrain, mode)
+    megatron.training.pretrain = _pretrain
     sys.argv = [script, *flags]
     runpy.run_path(script, run_name="__main__")
     return 0
 
 
-def _pretrain(mode, datasets, model, model_type, step, *rest, extra_args_provider=None,
+def _pretrain(datasets, model, model_type, step, *rest, extra_args_provider=None,
               args_defaults=None, **kwargs) -> None:
-    """Megatron's pretrain up to its arguments; then report (parse) or train (train)."""
+    """Megatron's pretrain up to its arguments; then report."""
     import megatron.training.training as training
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_args
@@ -434,59 +402,12 @@ def _pretrain(mode, datasets, model, model_type, step, *rest, extra_args_provide
     ours = (datasets is providers.train_valid_test_datasets_provider
             and model is providers.model_provider and step is providers.forward_step)
     getter = training.get_forward_backward_func
-    if mode == "parse":
-        print("RESULT " + json.dumps({
-            "pipeweaver": args.pipeweaver, "ours": ours,
-            "vp": args.virtual_pipeline_model_parallel_size,
-            "dataloader_type": args.dataloader_type,
-            "forward_backward": getter().__name__ if args.pipeweaver else getter.__name__}))
-        return
-    args.iteration = 0
-    _train(args, model, datasets, step, lambda: training.get_forward_backward_func(), None)
-
-
-def _train(args, model_provider, datasets_provider, forward_step, get_fb, config) -> None:
-    """Chunks and data from the providers, then per iteration forward_backward as
-    Megatron's train_step calls it, gradients divided by the loss tokens, Adam."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from pipeweaver_megatron.models import init_parallel, teardown
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    init_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
-    try:
-        count = providers.megatron_chunks(args)
-        stages = list(range(count)) if count > 1 else [None]
-        chunks = [model_provider(pre_process=False, post_process=False, vp_stage=v, config=config)
-                  for v in stages]
-        iterators = [datasets_provider([0, 0, 0], vp_stage=v)[0] for v in stages]
-        params = [p for chunk in chunks for p in chunk.parameters()]
-        optimizer = torch.optim.Adam(params, lr=args.lr)
-        group = parallel_state.get_pipeline_model_parallel_group()
-        for _ in range(args.train_iters):
-            optimizer.zero_grad(set_to_none=True)
-            reports = get_fb()(forward_step_func=forward_step, data_iterator=iterators,
-                               model=chunks, num_microbatches=args.global_batch_size //
-                               args.data_parallel_size, seq_length=args.seq_length,
-                               micro_batch_size=1, forward_only=False)
-            total = torch.zeros(2, dtype=torch.float64)
-            for report in reports:
-                total += report["loss"].double()
-            dist.all_reduce(total, group=group)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(total[1].item())
-            optimizer.step()
-            if dist.get_rank() == 0:
-                print("LOSS " + json.dumps(total[0].item() / total[1].item()), flush=True)
-    finally:
-        providers.close()
-        teardown()
+    print("RESULT " + json.dumps({
+        "pipeweaver": args.pipeweaver, "ours": ours,
+        "vp": args.virtual_pipeline_model_parallel_size,
+        "dataloader_type": args.dataloader_type,
+        "forward_backward": getter().__name__ if args.pipeweaver else getter.__name__}))
 
 
 if __name__ == "__main__":
-    mode, rest = sys.argv[1], sys.argv[2:]
-    sys.exit(_core(rest) if mode == "core" else _megatron(mode, rest[0], rest[1:]))
+    sys.exit(_megatron(sys.argv[2], sys.argv[3:]))

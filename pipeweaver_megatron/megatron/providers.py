@@ -274,7 +274,18 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
+    return attach_megatron(chunk, config, pg_collection)
+
+
+def attach_megatron(chunk: LMMChunk, config: Any, pg_collection: Any = None) -> LMMChunk:
+    """What Megatron's train loop reads off model[0]: chunk.config (where it sets its
+    hooks) and chunk.pg_collection (megatron-core's process groups by default)."""
     chunk.config = config
+    if pg_collection is None:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    chunk.pg_collection = pg_collection
     return chunk
 
 

@@ -148,13 +148,10 @@ def build_chunk(run: UserRun, stage_index: int, config: Any = None, pg_collectio
         if frozen and hasattr(chunk, module):
             for param in getattr(chunk, module).parameters():
                 param.requires_grad_(False)
-    chunk.config = config if config is not None else run.recipe.language_config
-    if pg_collection is None:  # Megatron's train loop reads it from model[0]
-        from megatron.core.process_groups_config import ProcessGroupCollection
+    from .providers import attach_megatron
 
-        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-    chunk.pg_collection = pg_collection
-    return chunk
+    return attach_megatron(chunk, config if config is not None else run.recipe.language_config,
+                           pg_collection)
 
 
 def run_forward_backward(run: UserRun, **kwargs: Any) -> list:

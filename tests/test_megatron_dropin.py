@@ -15,8 +15,10 @@ second line is compared with that average.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,23 +83,28 @@ def reference(vlm, start) -> str:
                           "--finetune", "--train-iters", "4", "--eval-iters", "1"])
 
 
-def test_pipeweaver_pp2_reproduces_megatron_pp1_and_resumes_exactly(vlm, start, reference,
-                                                                     tmp_path):
+@pytest.fixture(scope="module")
+def first_half(vlm, start, tmp_path_factory) -> tuple[str, Path]:
+    """--pipeweaver at PP 2 (V chosen by the wrapper) from Megatron's PP-1 checkpoint:
+    2 of 4 iterations, evaluated and saved at iteration 2. (log, checkpoint)."""
+    saved = tmp_path_factory.mktemp("pipeweaver")
+    log = megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(start), "--finetune",
+                         "--train-iters", "4", "--exit-interval", "2", "--eval-iters", "1",
+                         "--save", str(saved), "--save-interval", "2"], procs=2)
+    return log, saved
+
+
+def test_pipeweaver_pp2_reproduces_megatron_pp1_and_resumes_exactly(vlm, reference, first_half):
     theirs, their_valid = losses(reference), validation(reference)
     assert sorted(theirs) == [1, 2, 3, 4] and 2 in their_valid
-    saved = tmp_path / "pipeweaver"
-    # From Megatron's PP-1 checkpoint into PipeWeaver's PP-2 layout (V chosen by the
-    # wrapper), 2 of 4 iterations, evaluated and saved at iteration 2 ...
-    first = megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(start), "--finetune",
-                           "--train-iters", "4", "--exit-interval", "2", "--eval-iters", "1",
-                           "--save", str(saved), "--save-interval", "2"], procs=2)
+    first, saved = first_half
     assert "--num-virtual-stages-per-pipeline-rank" in first
     ours = losses(first)
     assert sorted(ours) == [1, 2]
     for i in (1, 2):
         assert ours[i] == pytest.approx(theirs[i], rel=1e-5), (i, ours, theirs)
     assert validation(first)[2] == pytest.approx(their_valid[2], rel=1e-5)
-    # ... then resumed under --pipeweaver from its own checkpoint (optimizer, scheduler,
+    # Resumed under --pipeweaver from its own checkpoint (optimizer, scheduler,
     # iteration and data position restored by Megatron's loader).
     second = losses(megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(saved),
                                    "--train-iters", "4", "--eval-iters", "0"], procs=2))
@@ -121,3 +128,22 @@ def test_bf16_matches_megatron_within_its_own_bf16_error(vlm, start, reference):
     for i in (1, 2, 3, 4):
         allowed = max(abs(their_bf16[i] - theirs[i]), 1e-6) * 2
         assert abs(bf16[i] - their_bf16[i]) <= allowed, (i, bf16, their_bf16, theirs)
+
+
+def test_a_converted_pipeweaver_checkpoint_loads_into_the_script_without_pipeweaver(
+        vlm, reference, first_half, tmp_path):
+    theirs = losses(reference)
+    saved, converted = first_half[1], tmp_path / "megatron"
+    done = run(Path(sys.executable).parent / "pipeweaver", "checkpoint", "convert", "--from",
+               "pipeweaver", "--to", "megatron", "--load", saved, "--save", converted,
+               "--pipeline-model-parallel-size", "2", "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads(done.stdout.splitlines()[-1])["files"]) == 2
+    # Megatron's own PP-2 LLaVA (no --pipeweaver) loads it strictly and continues: its
+    # first iteration runs on exactly the weights the reference had after iteration 2.
+    log = megatron(vlm, [*LLAVA, "--pipeline-model-parallel-size", "2", "--load", str(converted),
+                         "--no-load-optim", "--train-iters", "4", "--eval-iters", "0"], procs=2)
+    assert "load_return" not in log  # no missing or unexpected keys
+    continued = losses(log)
+    assert sorted(continued) == [3, 4]
+    assert continued[3] == pytest.approx(theirs[3], rel=1e-5)

@@ -1,5 +1,6 @@
 """`pipeweaver checkpoint convert`: move a pretrain_lmm checkpoint between Megatron's
-stage layout and PipeWeaver's modality chunks (see megatron/convert.py)."""
+stage layout and PipeWeaver's modality chunks (see megatron/convert.py), or write the
+Megatron-LM checkpoint of a pretrain_vlm.py --pipeweaver one (megatron/lm_convert.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return _convert(args)
 
 
+def _convert_lm(args: argparse.Namespace) -> int:
+    """A Megatron-LM checkpoint of pretrain_vlm.py (megatron/lm_convert.py)."""
+    from ..megatron.lm_convert import convert_to_megatron
+    from ..megatron.model_args import FlagError
+
+    if (args.source, args.target) != ("pipeweaver", "megatron"):
+        print("pipeweaver: error: a Megatron-LM checkpoint converts --from pipeweaver --to "
+              "megatron; the script's own checkpoints need no conversion (a --pipeweaver run "
+              "--load-s them at any PP)", file=sys.stderr)
+        return 2
+    pp = args.pipeline_model_parallel_size or args.pp
+    if not pp:
+        print("pipeweaver: error: pass --pipeline-model-parallel-size (the PP the script "
+              "will load the checkpoint at)", file=sys.stderr)
+        return 2
+    try:
+        result = convert_to_megatron(args.load, args.save, pp)
+    except FlagError as exc:
+        print(f"pipeweaver: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"iteration": result.iteration, "files": list(result.files),
+                          "tensors": result.tensors}))
+    else:
+        print(f"iteration {result.iteration}: --pipeweaver checkpoint -> Megatron-LM at PP {pp}, "
+              f"{len(result.files)} rank files, {result.tensors} tensors, written to "
+              f"{args.save} (load it with --no-load-optim: the optimizer state stays behind)")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from ..megatron.convert import ConvertError, ConvertRequest, convert_checkpoint
+    from ..megatron.lm_convert import is_megatron_lm_checkpoint
+
+    if is_megatron_lm_checkpoint(args.load):
+        return _convert_lm(args)
+    if not args.model or not args.pp:
+        print("pipeweaver: error: a pretrain_lmm checkpoint needs --model and --pp",
+              file=sys.stderr)
+        return 2
 
     try:
         result = convert_checkpoint(ConvertRequest(
@@ -55,8 +94,11 @@ def add_parser(sub) -> None:
                          help="layout of the checkpoint (megatron = megatron-1f1b's)")
     convert.add_argument("--to", dest="target", required=True, choices=KINDS,
                          help="layout of the run that resumes it")
-    convert.add_argument("--model", required=True, help="the checkpoint's model")
-    convert.add_argument("--pp", type=int, required=True, help="pipeline ranks of the checkpoint")
+    convert.add_argument("--model", help="the checkpoint's model (pretrain_lmm checkpoints)")
+    convert.add_argument("--pp", type=int, help="pipeline ranks of the checkpoint "
+                         "(pretrain_lmm checkpoints)")
+    convert.add_argument("--pipeline-model-parallel-size", type=int, help="Megatron-LM "
+                         "checkpoints: the PP the script without --pipeweaver loads it at")
     convert.add_argument("--tp", type=int, help="tensor-parallel size (default: the checkpoint's)")
     convert.add_argument("--load", required=True, metavar="DIR", help="checkpoint to read")
     convert.add_argument("--save", required=True, metavar="DIR", help="directory to write")

@@ -113,6 +113,18 @@ def test_pipeweaver_pp2_reproduces_megatron_pp1_and_resumes_exactly(vlm, referen
     assert second[4] == pytest.approx((theirs[3] + theirs[4]) / 2, rel=1e-5)
 
 
+def test_pipeweaver_pp2_dp2_reproduces_megatron_pp1(vlm, start, reference):
+    """Two data-parallel replicas, each a PP-2 PipeWeaver pipeline planned on its own
+    half of every global batch (Megatron's sampler splits it), gradients reduced by
+    megatron-core's DDP: the same losses as one process."""
+    theirs = losses(reference)
+    ours = losses(megatron(vlm, [*LLAVA, *PIPEWEAVER, "--load", str(start), "--finetune",
+                                 "--train-iters", "4", "--eval-iters", "0"], procs=4))
+    assert sorted(ours) == [1, 2, 3, 4]
+    for i in ours:
+        assert ours[i] == pytest.approx(theirs[i], rel=1e-5), (i, ours, theirs)
+
+
 def test_bf16_matches_megatron_within_its_own_bf16_error(vlm, start, reference):
     theirs = losses(reference)
     their_bf16 = losses(megatron(vlm, [*LLAVA, "--pipeline-model-parallel-size", "1",

@@ -144,3 +144,18 @@ def test_a_derived_spec_travels_as_yaml_and_loads_back_equal(tmp_path):
     loaded = load_model(path)
     assert (loaded.modules, loaded.topology, loaded.parallel) == (
         derived.modules, derived.topology, derived.parallel)
+
+
+def test_a_script_that_builds_no_llava_is_refused_with_the_way_out():
+    import functools
+
+    from pipeweaver_megatron.megatron.script_model import require_llava
+
+    def gpt_provider(builder, pre_process=True, post_process=True):
+        return builder
+
+    with pytest.raises(FlagError, match="pass --pipeweaver-model-config NAME"):
+        require_llava(functools.partial(gpt_provider, "gpt_builder"))
+    namespace = {"LLaVAModel": object}
+    exec("def provider():\n    return LLaVAModel\n", namespace)
+    require_llava(namespace["provider"])

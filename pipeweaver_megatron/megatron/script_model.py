@@ -42,14 +42,29 @@ class ScriptModel:
     freeze: dict[str, bool] = field(default_factory=dict)
 
 
+def _globals(function: Callable[..., Any]) -> dict[str, Any]:
+    """The module namespace a (possibly functools.partial) function runs in."""
+    while hasattr(function, "func"):
+        function = function.func
+    return getattr(function, "__globals__", {})
+
+
+def require_llava(model_provider: Callable[..., Any]) -> None:
+    """The script's model_provider builds megatron-core's LLaVAModel (pretrain_vlm.py's),
+    the one model the drop-in cuts into chunks so far."""
+    if "LLaVAModel" not in _globals(model_provider):
+        raise FlagError("--pipeweaver without --pipeweaver-model-config trains the script's "
+                        "own model, which so far must be pretrain_vlm.py's LLaVA; this "
+                        "script builds another (pretrain_gpt.py's GPT is next): pass "
+                        "--pipeweaver-model-config NAME to train a YAML model instead")
+
+
 def capture_llava(model_provider: Callable[..., Any], **call: Any) -> ScriptModel:
     """Run the script's model_provider with its LLaVAModel replaced by a recorder and
     return what it was called with. call: the provider's keyword arguments."""
-    names = model_provider.__globals__
-    original = names.get("LLaVAModel")
-    if original is None:
-        raise FlagError("--pipeweaver: the script's model_provider does not build "
-                        "megatron-core's LLaVAModel (pretrain_vlm.py's does)")
+    require_llava(model_provider)
+    names = _globals(model_provider)
+    original = names["LLaVAModel"]
     signature = inspect.signature(original.__init__)
     record: dict[str, Any] = {}
 

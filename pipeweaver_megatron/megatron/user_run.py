@@ -237,7 +237,9 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
     the script's model, forward step and forward_backward (see the module docstring)."""
     from .install import install, uninstall
     from .providers import embedding_ranks, forward_step, megatron_chunks, stage_of
+    from .script_model import require_llava
 
+    require_llava(script_provider)
     state: dict[str, UserRun] = {}
 
     def model_provider(pre_process: bool = True, post_process: bool = True,

@@ -24,17 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeweaver_megatron.megatron.examples import TINY_LLAVA
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "55ac7082517c3878ae653c07c09c534b8aed49f6"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-LLAVA = ["--encoder-num-layers", "2", "--decoder-num-layers", "4", "--hidden-size", "64",
-         "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "64",
-         "--max-position-embeddings", "256", "--img-h", "32", "--img-w", "32",
-         "--patch-dim", "8", "--micro-batch-size", "1", "--global-batch-size", "4",
-         "--lr", "1e-3", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
-         "--transformer-impl", "local", "--ckpt-format", "torch", "--log-interval", "1",
-         "--mock-data", "--seed", "1234", "--calculate-per-token-loss", "--hidden-dropout",
-         "0", "--attention-dropout", "0", "--eval-interval", "1000", "--eval-iters", "0"]
+LLAVA = [*TINY_LLAVA, "--eval-interval", "1000", "--eval-iters", "0"]
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): "
                   r"([0-9.]+).*?lm loss: ([0-9.E+-]+)")
 

@@ -24,15 +24,9 @@ from pathlib import Path
 import pytest
 
 from megatron_lm import ROOT, TORCHRUN, fresh_checkout, run, script_env
+from pipeweaver_megatron.megatron.examples import TINY_LLAVA
 
-LLAVA = ["--encoder-num-layers", "2", "--decoder-num-layers", "4", "--hidden-size", "64",
-         "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "64",
-         "--max-position-embeddings", "256", "--img-h", "32", "--img-w", "32",
-         "--patch-dim", "8", "--micro-batch-size", "1", "--global-batch-size", "4",
-         "--lr", "1e-3", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
-         "--transformer-impl", "local", "--ckpt-format", "torch", "--log-interval", "1",
-         "--mock-data", "--seed", "1234", "--calculate-per-token-loss",
-         "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "2"]
+LLAVA = [*TINY_LLAVA, "--eval-interval", "2"]
 PIPEWEAVER = ["--pipeweaver", "--pipeline-model-parallel-size", "2", "--pipeweaver-hardware",
               "cpu", "--pipeweaver-search-budget-ms", "100"]
 LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")

@@ -71,15 +71,14 @@ def test_install_rebinds_megatron_core_and_uninstall_restores():
     assert pipeline_parallel.get_forward_backward_func.__module__ == schedules.__name__
 
 
-MEGATRON_LM = os.environ.get("MEGATRON_LM_DIR")
-
-
-@pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 "
-                    "checkout (with its Python requirements) to test against megatron.training")
 def test_install_also_rebinds_megatron_training():
+    """On Megatron-LM's sources (tests/megatron_lm.py: MEGATRON_LM_DIR, or core_v0.16.1
+    unpacked by make), whose megatron.training imports with the .[megatron-lm] extra."""
     import megatron
 
-    megatron.__path__.append(os.path.join(MEGATRON_LM, "megatron"))
+    from megatron_lm import source
+
+    megatron.__path__.append(os.path.join(str(source()), "megatron"))
     import megatron.training.training as training
 
     try:

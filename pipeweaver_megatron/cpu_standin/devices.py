@@ -92,6 +92,9 @@ class CpuDeviceMode(TorchFunctionMode):
         replaced = _REPLACED.get(func)
         if replaced is not None:
             return replaced(*args, **kwargs)
+        if func is torch.device and len(args) == 1 and isinstance(args[0], int) \
+                and not isinstance(args[0], bool):
+            return CPU  # torch.device(torch.cuda.current_device()): a CUDA ordinal
         if "device" in kwargs:
             kwargs = {**kwargs, "device": host(kwargs["device"])}
         if func in _DEVICE_FIRST and len(args) > 1 and not isinstance(args[1], torch.dtype):

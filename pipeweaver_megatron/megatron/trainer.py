@@ -71,7 +71,7 @@ def init_distributed(tp: int, pp: int, seed: int) -> Topology:
 def local_device() -> torch.device:
     """The current CUDA device where there is one, else torch's default (the host)."""
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(torch.cuda.current_device())
     return torch.get_default_device()
 
 

@@ -5,11 +5,13 @@ The patches in patches/ add one call to each script's ``__main__``:
     pretrain = with_pipeweaver(pretrain)
 
 which always adds the --pipeweaver flags to the script's extra_args_provider
-(chain_args) and, when --pipeweaver is on the command line, hands Megatron's pretrain
-this module's model_provider, train_valid_test_datasets_provider, forward_step and
-embedding ranks, defaults --dataloader-type to external, and install()s
-forward_backward, so Megatron's train_step runs forward_backward_pipeweaver on the LMM
-chunks of --pipeweaver-model-config. Megatron's model-shape flags stay required by its
+(chain_args). Under --pipeweaver without --pipeweaver-model-config the script's own model
+and data train (user_run.py, the drop-in). With --pipeweaver-model-config (this module:
+the YAML setups) it hands Megatron's pretrain this module's model_provider,
+train_valid_test_datasets_provider, forward_step and embedding ranks, defaults
+--dataloader-type to external, and install()s forward_backward, so Megatron's train_step
+runs forward_backward_pipeweaver on the LMM chunks of --pipeweaver-model-config; that
+path refuses what check_args lists. Megatron's model-shape flags stay required by its
 argument checks but build nothing; as in scripts/pretrain_lmm.py, --seq-length is the
 packing budget of a microbatch, --global-batch-size the microbatches per iteration over
 data parallelism and --transformer-impl the layer spec. The run (model spec, this

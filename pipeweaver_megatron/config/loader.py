@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, SpecError
-from .model import ModelSpec
+from .model import ModelSpec, model_to_dict
 from .modules import ImageRule, ModuleSpec, VideoRule
 from .parallel import ParallelSpec
 
@@ -129,19 +129,11 @@ def _build_module(entry: Any, source: str, key: str) -> ModuleSpec:
 
 def spec_document(model: ModelSpec) -> dict[str, Any]:
     """A spec as the YAML document load_model reads back into an equal spec (a spec
-    derived from Megatron-LM's flags travels to the planner workers this way)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, enum.Enum):
-            return value.value
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                    if getattr(value, f.name) is not None}
-        return value
-
-    fields = {k: getattr(model, k) for k in ("name", "description", "hardware", "dataset")}
-    return {**fields, "modules": [plain(m) for m in model.modules],
-            "topology": [f"{src} -> {dst}" for src, dst in model.topology],
-            "parallel": plain(model.parallel)}
+    derived from Megatron-LM's flags travels to the planner workers this way):
+    model_to_dict's keys that a setup file has, unset rules left out."""
+    data = model_to_dict(model)
+    data["modules"] = [{k: v for k, v in m.items() if v is not None} for m in data["modules"]]
+    return {key: data[key] for key in sorted(_MODEL_KEYS)}
 
 
 def _parse_topology(value: Any, source: str) -> tuple[tuple[str, str], ...]:

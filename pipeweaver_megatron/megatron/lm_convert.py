@@ -25,9 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .model_args import FlagError
-from .script_checkpoint import checkpoint_dir, rank_files
-
-_LM_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
+from .script_checkpoint import LAYER_NAME, checkpoint_dir, rank_files
 
 
 @dataclass(frozen=True)
@@ -74,12 +72,12 @@ def stage_layers(saved_args, pp: int) -> list[tuple[int, int]]:
 
 def _stage_of(name: str, stages: list[tuple[int, int]]) -> tuple[int, str]:
     """(pipeline stage, local name) of a LLaVAModel tensor at Megatron's placement."""
-    match = _LM_LAYER.match(name)
-    if match:
-        index = int(match.group(1))
+    match = LAYER_NAME.match(name)
+    if match and match.group(1) == "language_model":
+        index = int(match.group(2))
         for p, (first, count) in enumerate(stages):
             if first <= index < first + count:
-                return p, f"language_model.decoder.layers.{index - first}.{match.group(2)}"
+                return p, f"language_model.decoder.layers.{index - first}.{match.group(3)}"
         raise FlagError(f"{name}: layer {index} is on no stage of the target pipeline")
     if name.startswith(("language_model.decoder.final_layernorm", "language_model.output_layer")):
         return len(stages) - 1, name

@@ -90,12 +90,13 @@ def language_module(args: argparse.Namespace) -> ModuleSpec:
 
 
 def _ffn(args: argparse.Namespace) -> int:
-    """--ffn-hidden-size, or Megatron's default (4 h; 8/3 h rounded to 64 with SwiGLU)."""
+    """--ffn-hidden-size, or the default Megatron's validate_args sets later (4 h; with
+    SwiGLU 8/3 h rounded down to a multiple of 64)."""
     given = _get(args, "ffn_hidden_size")
     if given:
         return given
     if _get(args, "swiglu", False):
-        return ((int(4 * args.hidden_size * 2 / 3) + 63) // 64) * 64
+        return int((4 * args.hidden_size * 2 / 3) / 64) * 64
     return 4 * args.hidden_size
 
 
@@ -119,16 +120,23 @@ def llava_modules(args: argparse.Namespace) -> tuple[ModuleSpec, ...]:
     return vision, projection, lm
 
 
+def data_parallel_size(args: argparse.Namespace) -> int:
+    """Data-parallel replicas of the launch. Megatron sets world_size and
+    data_parallel_size after its parser ran; the launcher's WORLD_SIZE (or Slurm's task
+    count) is there from the start."""
+    model_parallel = (_get(args, "tensor_model_parallel_size", 1)
+                      * _get(args, "pipeline_model_parallel_size", 1)
+                      * _get(args, "context_parallel_size", 1))
+    world = _get(args, "world_size") or int(os.environ.get(
+        "WORLD_SIZE", os.environ.get("SLURM_NTASKS", model_parallel)))
+    return max(1, world // model_parallel)
+
+
 def parallel_from_args(args: argparse.Namespace) -> ParallelSpec:
     """Megatron's parallel and batch flags as a ParallelSpec."""
     tp = _get(args, "tensor_model_parallel_size", 1)
     pp = _get(args, "pipeline_model_parallel_size", 1)
-    cp = _get(args, "context_parallel_size", 1)
-    # Megatron sets world_size and data_parallel_size after its parser ran; the
-    # launcher's WORLD_SIZE is there from the start.
-    world = _get(args, "world_size") or int(os.environ.get(
-        "WORLD_SIZE", os.environ.get("SLURM_NTASKS", tp * pp * cp)))
-    dp = _get(args, "data_parallel_size", max(1, world // (tp * pp * cp)))
+    dp = _get(args, "data_parallel_size") or data_parallel_size(args)
     tokens = _get(args, "decoder_seq_length") or _get(args, "seq_length")
     if not tokens:
         raise FlagError("--pipeweaver needs the LM sequence length: pass --seq-length")

@@ -13,7 +13,6 @@ from ..planner import split_batch
 from ..planner.iteration import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
 from ..service import PlannerService, PrefetchingIterator
-from ..service.fallback import fallback_plan, static_plan
 from ..service.worker import make_costs
 from .virtual_stages import layout_reference, service_settings
 from ..workload import TokenRules, sample_workload
@@ -56,7 +55,6 @@ class PlanFeed:
         if self.first:
             settings = service_settings(args, model, parallel or {}, topo.pp, topo.tp,
                                         model_file)
-            self.dtype = settings.dtype
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
             self.service = PlannerService(settings).start()
         payload = [(self.service.layout, self.service.chunks) if self.first else None]
@@ -87,17 +85,9 @@ class PlanFeed:
         """A plan of `batch` built at once, without the search (evaluation runs forward
         only): the static order of the run's chunks, or the fallback schedule; the
         same on every rank of the group."""
-        payload = [self._static(batch) if self.first else None]
+        payload = [self.service.fallback(batch)[0] if self.first else None]
         dist.broadcast_object_list(payload, src=self.root, group=self.group)
         return payload[0]
-
-    def _static(self, batch) -> IterationPlan:
-        service, settings = self.service, self.service.settings
-        if service.chunks is not None:
-            return static_plan(service.costs, service.chunks, batch, service.rules, service.tp,
-                               settings.dtype)
-        return fallback_plan(service.model, batch, service.rules, settings.fallback,
-                             service.pp, service.tp, settings.dtype)
 
     def _take(self, iteration: int) -> tuple[IterationPlan, _Info]:
         index, _ = next(self.prefetch)

@@ -29,7 +29,8 @@ import torch
 
 from .model_args import FlagError
 
-_LAYER = re.compile(r"^(vision_model|language_model)\.decoder\.layers\.(\d+)\.(.*)$")
+LAYER_NAME = re.compile(r"^(vision_model|language_model)\.decoder\.layers\.(\d+)\.(.*)$")
+"""A transformer layer's tensor in LLaVAModel: (module, layer index, the rest)."""
 
 
 def unwrap(module: Any) -> Any:
@@ -98,7 +99,7 @@ def global_tensors(files: dict[int, str], recipe: Any) -> tuple[dict[str, torch.
             for name, tensor in state[key].items():
                 if not isinstance(tensor, torch.Tensor) or name.endswith("_extra_state"):
                     continue
-                match = _LAYER.match(name)
+                match = LAYER_NAME.match(name)
                 if match and match.group(1) == "language_model":
                     name = (f"language_model.decoder.layers."
                             f"{int(match.group(2)) + offset}.{match.group(3)}")
@@ -168,7 +169,8 @@ def install_loader(run_of: Any) -> Any:
         directory, _, _ = checkpoint_dir(args.load)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         path = next(iter(rank_files(directory, tp_rank).values()))
-        saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
+        # Only the args are read: mmap leaves the tensors on disk.
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
         if same_layout(saved, args):
             return original(model, optimizer, scheduler, *rest, **kwargs)
         return load_other_layout(model, optimizer, scheduler, args, tp_rank, run_of().recipe)

@@ -68,9 +68,7 @@ class ScriptBatches:
     def planned(self) -> Iterator[GlobalBatch]:
         """The metadata of every iteration read, once each, in order (the planner feed's
         source: it asks only for iterations fill has read)."""
-        while True:
-            if not self._meta:
-                return
+        while self._meta:
             yield self._meta.popleft()
 
     def take(self, iteration: int) -> list:

@@ -88,12 +88,9 @@ def current_topology(device: torch.device) -> Topology:
 
 def run_parallel(args, topo: Topology) -> dict[str, int]:
     """The model spec's parallel settings as this run's flags set them."""
-    parallel = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
-    if args.global_batch_size:
-        parallel["global_batch_size"] = args.global_batch_size
-    if args.seq_length:
-        parallel["microbatch_tokens"] = args.seq_length
-    return parallel
+    from .virtual_stages import spec_overrides
+
+    return spec_overrides(args, topo.tp, topo.pp, topo.dp)
 
 
 def use_te_flag(args) -> bool | None:

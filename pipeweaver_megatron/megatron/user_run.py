@@ -35,9 +35,13 @@ import yaml
 from ..config import ModelSpec, ModuleKind, spec_document
 from ..ir import Layout
 from ..workload import TokenRules
+from .install import install, uninstall
 from .model_args import FlagError
+from .providers import attach_megatron, embedding_ranks, forward_step, megatron_chunks, stage_of
+from .script_checkpoint import install_loader
 from .script_data import ScriptBatches
-from .script_model import ScriptModel, capture_llava, recipe_of
+from .script_model import ScriptModel, capture_llava, recipe_of, require_llava
+from .virtual_stages import PARSED, layout_id
 
 
 @dataclass
@@ -75,6 +79,7 @@ def check_built(args: argparse.Namespace, spec: ModelSpec, recipe: Any) -> None:
     built = {"LM layers": (lm.num_layers, recipe.language_config.num_layers),
              "ViT layers": (vision.num_layers, recipe.vision_config.num_layers),
              "LM hidden size": (lm.hidden_size, recipe.language_config.hidden_size),
+             "LM FFN size": (lm.ffn_hidden_size, recipe.language_config.ffn_hidden_size),
              "LM sequence": (spec.parallel.microbatch_tokens, args.decoder_seq_length),
              "data-parallel size": (spec.parallel.dp, args.data_parallel_size)}
     wrong = [f"{what} {planned} planned, {actual} built" for what, (planned, actual)
@@ -101,8 +106,6 @@ def start_user_run(args: argparse.Namespace, script_provider: Callable[..., Any]
                         "its microbatches with (pretrain_vlm.py's has)")
     script = capture_llava(script_provider, **call)
     recipe = recipe_of(script)
-    from .virtual_stages import PARSED, layout_id
-
     spec = PARSED["spec"]
     check_built(args, spec, recipe)
     topo = current_topology(local_device())
@@ -148,8 +151,6 @@ def build_chunk(run: UserRun, stage_index: int, config: Any = None, pg_collectio
         if frozen and hasattr(chunk, module):
             for param in getattr(chunk, module).parameters():
                 param.requires_grad_(False)
-    from .providers import attach_megatron
-
     return attach_megatron(chunk, config if config is not None else run.recipe.language_config,
                            pg_collection)
 
@@ -198,7 +199,6 @@ def _evaluate(run: UserRun, iterator: Any, **kwargs: Any) -> list:
 
 def check_user_args(args: argparse.Namespace) -> None:
     """Raise FlagError naming every Megatron flag the user path cannot run yet."""
-    problems = []
     checks = (
         (getattr(args, "context_parallel_size", 1) == 1, "context parallelism"),
         (getattr(args, "rampup_batch_size", None) is None, "--rampup-batch-size (the planner "
@@ -235,10 +235,6 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
                   megatron_args: Callable[[], argparse.Namespace]) -> Any:
     """Megatron's pretrain on the script's dataset provider with PipeWeaver's chunks of
     the script's model, forward step and forward_backward (see the module docstring)."""
-    from .install import install, uninstall
-    from .providers import embedding_ranks, forward_step, megatron_chunks, stage_of
-    from .script_model import require_llava
-
     require_llava(script_provider)
     state: dict[str, UserRun] = {}
 
@@ -273,8 +269,6 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
 
     datasets_provider.is_distributed = getattr(datasets, "is_distributed", False)
     kwargs["get_embedding_ranks"] = kwargs["get_position_embedding_ranks"] = embedding_ranks
-    from .script_checkpoint import install_loader
-
     install(forward_backward)
     restore_loader = install_loader(lambda: state["run"])
     try:

@@ -7,10 +7,10 @@ before any provider runs; the run's layout gives every rank sum(K_i) stages (see
 [Note: virtual stages] in providers.py). The layout follows from the spec, PP, TP, the
 hardware and calibration, and the partitioner's reference batch (replica 0's first,
 drawn from the seed), all known once the flags are parsed, so the wrapped parser cuts it
-then, the same way the planner service will (service_settings + layout_of), and sets V
+then, the same way the planner service will (service_settings + cut_layout), and sets V
 itself: a V given on the command line that disagrees is an error naming both values.
-The planner service cuts the layout again when it starts; providers.start_run checks
-that the two agree.
+The planner service cuts the layout again when it starts; the drop-in checks that the
+two agree.
 
 Pure Python: the planner side only (no torch, no megatron).
 """
@@ -25,13 +25,10 @@ from typing import Callable
 
 from ..config import ModelSpec, load_model
 from ..ir import Layout
-from ..planner import partition
-from ..planner.systems import PIPEWEAVER
 from ..service import ServiceSettings
-from ..service.fallback import baseline_layout
-from ..service.worker import make_costs
+from ..service.planner_service import cut_layout
 from ..workload import sample_workload
-from .model_args import planning_spec
+from .model_args import data_parallel_size, planning_spec
 
 
 PARSED: dict = {}
@@ -48,19 +45,23 @@ class VirtualStagesError(ValueError):
     """--num-virtual-stages-per-pipeline-rank disagrees with the run's layout."""
 
 
-def parse_time_parallel(args: argparse.Namespace) -> dict[str, int]:
-    """The parallel overrides of the spec (as trainer.run_parallel gives them once
-    torch.distributed runs), from the flags and the launcher's WORLD_SIZE."""
-    tp = args.tensor_model_parallel_size
-    pp = args.pipeline_model_parallel_size
-    cp = getattr(args, "context_parallel_size", 1) or 1
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", tp * pp * cp)))
-    parallel = {"tp": tp, "pp": pp, "dp": max(1, world // (tp * pp * cp))}
+def spec_overrides(args: argparse.Namespace, tp: int, pp: int, dp: int) -> dict[str, int]:
+    """The model spec's parallel settings as the run's flags set them: the parallel
+    sizes, and --global-batch-size / --seq-length as the microbatches per iteration and
+    the packing budget."""
+    parallel = {"tp": tp, "pp": pp, "dp": dp}
     if args.global_batch_size:
         parallel["global_batch_size"] = args.global_batch_size
     if args.seq_length:
         parallel["microbatch_tokens"] = args.seq_length
     return parallel
+
+
+def parse_time_parallel(args: argparse.Namespace) -> dict[str, int]:
+    """spec_overrides from the flags and the launcher's world size (before
+    torch.distributed runs)."""
+    return spec_overrides(args, args.tensor_model_parallel_size,
+                          args.pipeline_model_parallel_size, data_parallel_size(args))
 
 
 def layout_reference(model: ModelSpec, workload: str | None, seed: int):
@@ -97,14 +98,6 @@ def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[
         seed=args.seed, faults={i: kind for kind, i in args.pipeweaver_inject_fault})
 
 
-def layout_of(settings: ServiceSettings, model: ModelSpec) -> Layout:
-    """The layout the planner service cuts for these settings (PlannerService.start)."""
-    if settings.schedule == PIPEWEAVER:
-        return partition(make_costs(settings, model), num_ranks=settings.pp,
-                         reference=settings.reference).layout
-    return baseline_layout(model, settings.schedule, settings.pp)
-
-
 def run_spec(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, int]]:
     """The run's spec and the parallel overrides the planner workers apply to it:
     --pipeweaver-model-config with the flags' parallel settings, or the model of the
@@ -119,7 +112,7 @@ def run_layout(args: argparse.Namespace, model: ModelSpec, parallel: dict[str, i
     """The layout of a --pipeweaver run, from its flags and spec."""
     pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
     settings = service_settings(args, model, parallel, pp, tp, model_file=model.name)
-    return layout_of(settings, model)
+    return cut_layout(settings, model, pp).layout
 
 
 def choose_virtual_stages(args: argparse.Namespace) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,14 +74,17 @@ def axial_rope(positions: Tensor, head_dim: int, base: float = 10000.0) -> Tenso
     return torch.cat((freqs, freqs), dim=1)[:, None, None, :]
 
 
-def build_layers(spec: MegatronModuleSpec, config: TransformerConfig, module: str, first: int,
-                 last: int, seed: int) -> nn.ModuleDict:
+def build_layers(spec: MegatronModuleSpec | Sequence[MegatronModuleSpec],
+                 config: TransformerConfig, module: str, first: int, last: int,
+                 seed: int) -> nn.ModuleDict:
     """Layers first..last-1 of a module, keyed by their global index (layer_number =
-    index + 1, as megatron numbers them), each initialised from its own seed."""
+    index + 1, as megatron numbers them), each initialised from its own seed. spec: one
+    layer spec for all, or a block's spec of every layer of the module."""
     layers = {}
     for index in range(first, last):
+        layer = spec[index] if isinstance(spec, (list, tuple)) else spec
         with seeded(seed, module, f"layer{index}"):
-            layers[str(index)] = build_module(spec, config=config, layer_number=index + 1)
+            layers[str(index)] = build_module(layer, config=config, layer_number=index + 1)
     return nn.ModuleDict(layers)
 
 

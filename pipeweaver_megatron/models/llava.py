@@ -56,7 +56,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .data import MicrobatchData
-from .language import Flow, PartResult, first_param, run_layers, seeded
+from .language import Flow, PartResult, build_layers, first_param, run_layers, seeded
 from .llava_data import (LANGUAGE_MODEL, VISION_MODEL, VISION_PROJECTION, llava_pixels,
                          preprocess_shim)
 from .rotary import PortableRotaryEmbedding
@@ -219,12 +219,7 @@ class _Decoder(nn.Module):
         if not 0 <= first < last <= config.num_layers:
             raise ValueError(f"layers [{first}, {last}) are not a range of {module!r}'s "
                              f"{config.num_layers}")
-        layers = {}
-        for index in range(first, last):
-            with seeded(seed, module, f"layer{index}"):
-                layers[str(index)] = build_module(specs[index], config=config,
-                                                  layer_number=index + 1)
-        self.layers = nn.ModuleDict(layers)
+        self.layers = build_layers(list(specs), config, module, first, last, seed)
 
 
 class LlavaVisionPart(nn.Module):

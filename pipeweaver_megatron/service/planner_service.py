@@ -16,16 +16,43 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
-from ..planner.partition import partition
+from ..config import ModelSpec
+from ..ir import Layout
+from ..planner.iteration import IterationPlan
+from ..planner.partition import ChunkPlan, partition
 from ..planner.systems import PIPEWEAVER
 from ..workload import GlobalBatch
 from .fallback import static_plan, baseline_layout, fallback_plan
 from .pool import Board, Entry, WorkerPool
 from .settings import Outcome, ServiceError, ServiceSettings, ServiceStats
 from .worker import make_costs
+from ..semu import CostModel
 
 log = logging.getLogger("pipeweaver.service")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The run's layout as cut_layout cuts it once per run."""
+
+    costs: CostModel | None
+    """The cost model the chunks were cut with (pipeweaver), else None."""
+    chunks: ChunkPlan | None
+    """PipeWeaver's chunk partition (pipeweaver), else None."""
+    layout: Layout
+
+
+def cut_layout(settings: ServiceSettings, model: ModelSpec, pp: int) -> RunLayout:
+    """The run's layout: PipeWeaver's chunk partition of the reference batch, or the
+    baseline schedule's placement. The service cuts it when it starts; Megatron-LM's
+    argument parser cuts the same one to set the virtual stages."""
+    if settings.schedule == PIPEWEAVER:
+        costs = make_costs(settings, model)
+        chunks = partition(costs, num_ranks=pp, reference=settings.reference)
+        return RunLayout(costs, chunks, chunks.layout)
+    return RunLayout(None, None, baseline_layout(model, settings.schedule, pp))
 
 
 class PlannerService:
@@ -50,13 +77,8 @@ class PlannerService:
         if self._state != "new":
             raise ServiceError(f"start() on a {self._state} service")
         s = self.settings
-        if s.schedule == PIPEWEAVER:
-            self.costs = make_costs(s, self.model)
-            self.chunks = partition(self.costs, num_ranks=self.pp,
-                                    reference=s.reference)
-            self.layout = self.chunks.layout
-        else:
-            self.layout = baseline_layout(self.model, s.schedule, self.pp)
+        cut = cut_layout(s, self.model, self.pp)
+        self.costs, self.chunks, self.layout = cut.costs, cut.chunks, cut.layout
         self._state = "running"
         self._pool = WorkerPool(s, self.chunks, self.layout, self.tp, self._board)
         deadline = time.monotonic() + s.startup_timeout_s
@@ -116,16 +138,21 @@ class PlannerService:
                            predicted=entry.predicted,
                            latency_ms=(entry.ready - entry.submitted) * 1000, waited_ms=waited)
         s = self.settings
-        if self.chunks is not None:  # the run's chunks follow its own layout
-            plan, name = static_plan(self.costs, self.chunks, entry.batch, self.rules, self.tp,
-                                     s.dtype), "static-order"
-        else:
-            plan, name = fallback_plan(self.model, entry.batch, self.rules, s.fallback, self.pp,
-                                       self.tp, s.dtype), s.fallback
+        plan, name = self.fallback(entry.batch)
         log.warning("iteration %d: %s fallback (%s)", iteration, name,
                     f"late: no plan after {s.timeout_ms:g} ms" if reason == "late" else reason)
         return Outcome(iteration=iteration, plan=plan, source="fallback", reason=reason,
                        latency_ms=(time.perf_counter() - entry.submitted) * 1000, waited_ms=waited)
+
+    def fallback(self, batch: GlobalBatch) -> tuple[IterationPlan, str]:
+        """The plan of `batch` without the search, and its name: the static order of the
+        run's chunks (they follow the run's own layout), or the fallback schedule."""
+        s = self.settings
+        if self.chunks is not None:
+            return static_plan(self.costs, self.chunks, batch, self.rules, self.tp,
+                               s.dtype), "static-order"
+        return fallback_plan(self.model, batch, self.rules, s.fallback, self.pp, self.tp,
+                             s.dtype), s.fallback
 
     def stats(self) -> ServiceStats:
         board = self._board

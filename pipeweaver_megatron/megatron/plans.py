@@ -18,6 +18,10 @@ from .virtual_stages import layout_reference, service_settings
 from ..workload import TokenRules, sample_workload
 
 
+EVAL_KEYS = 1 << 40
+"""Service keys of evaluation steps start here, far above any training iteration."""
+
+
 def replica_batches(args, model, dp_rank: int) -> list:
     """The global batches data-parallel replica dp_rank trains on (seed * 1000 + d)."""
     return sample_workload(model, getattr(args, "workload", None) or model.dataset,
@@ -63,6 +67,7 @@ class PlanFeed:
         self.iteration = 0
         self.fallbacks = 0
         self.info: _Info | None = None
+        self._evals = 0
 
     def start(self, iteration: int) -> None:
         """Plan from `iteration` on (after a resume, the batches before it are done)."""
@@ -81,11 +86,20 @@ class PlanFeed:
         self.iteration += 1
         return plan
 
-    def plan_now(self, batch) -> IterationPlan:
-        """A plan of `batch` built at once, without the search (evaluation runs forward
-        only): the static order of the run's chunks, or the fallback schedule; the
-        same on every rank of the group."""
-        payload = [self.service.fallback(batch)[0] if self.first else None]
+    def submit_eval(self, batch) -> int:
+        """Queue an evaluation step's batch for the search, before the training batches
+        waiting (evaluation needs it first); returns the key eval_plan takes it by."""
+        key = EVAL_KEYS + self._evals
+        self._evals += 1
+        if self.first:
+            self.service.submit(key, batch, urgent=True)
+        return key
+
+    def eval_plan(self, key: int) -> IterationPlan:
+        """The searched plan of a submitted evaluation step (the fallback when it is late
+        or invalid, as in training), the same on every rank of the group; evaluation
+        runs its forwards alone."""
+        payload = [self.service.get(key).plan if self.first else None]
         dist.broadcast_object_list(payload, src=self.root, group=self.group)
         return payload[0]
 

@@ -65,6 +65,11 @@ class UserRun:
     get_batch: Callable[[Any], Any]
     workdir: tempfile.TemporaryDirectory
     evals: dict[int, ScriptBatches] = field(default_factory=dict)
+    """Evaluation readers by data iterator (valid, test)."""
+    eval_next: dict[int, int] = field(default_factory=dict)
+    """The next evaluation step of each iterator."""
+    eval_keys: dict[tuple[int, int], int] = field(default_factory=dict)
+    """Planner service keys of the evaluation steps read: (iterator, step) -> key."""
     started: bool = False
 
     def close(self) -> None:
@@ -157,7 +162,7 @@ def build_chunk(run: UserRun, stage_index: int, config: Any = None, pg_collectio
 
 def run_forward_backward(run: UserRun, **kwargs: Any) -> list:
     """Megatron's forward_backward call on the microbatches read ahead (training) or
-    read now (evaluation: forward only, the static order of the run's chunks)."""
+    on the evaluation step's (forward only, _evaluate)."""
     iterator = kwargs["data_iterator"]
     if isinstance(iterator, (list, tuple)):
         iterator = next((it for it in iterator if it is not None), None)
@@ -173,23 +178,35 @@ def run_forward_backward(run: UserRun, **kwargs: Any) -> list:
 
 
 def _evaluate(run: UserRun, iterator: Any, **kwargs: Any) -> list:
+    """One evaluation step: its microbatches read from the valid (or test) iterator and
+    planned by the search like a training iteration's, forward only. The next step's
+    are read and submitted too, so its search runs while this step computes (a step
+    read ahead stays for the next evaluation: the iterator's order is kept)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from ..runtime import PipeWeaverSchedule
 
-    spec = run.spec
-    reader = run.evals.get(id(iterator))
+    spec, source = run.spec, id(iterator)
+    reader = run.evals.get(source)
     if reader is None:
-        reader = run.evals[id(iterator)] = ScriptBatches(
-            run.get_batch, run.convert, kwargs["num_microbatches"],
-            run.train.image_size)
+        reader = run.evals[source] = ScriptBatches(
+            run.get_batch, run.convert, kwargs["num_microbatches"], run.train.image_size)
     reader.count = kwargs["num_microbatches"]
-    step = reader.next_read
-    reader.fill(iterator, step)
+    step = run.eval_next.get(source, 0)
+    for ahead in (step, step + 1):
+        if ahead < reader.next_read:
+            continue
+        try:
+            reader.fill(iterator, ahead)
+        except StopIteration:
+            if ahead == step:
+                raise
+            break  # the data ends here: nothing to read ahead
+        run.eval_keys[source, ahead] = run.feed.submit_eval(next(reader.planned()))
     data = reader.take(step)
-    batch = next(reader.planned())
-    plan = run.feed.plan_now(batch)
+    plan = run.feed.eval_plan(run.eval_keys.pop((source, step)))
+    run.eval_next[source] = step + 1
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     schedule = PipeWeaverSchedule(lambda: plan, spec, TokenRules.from_model(spec),
                                   run.pipeline_rank, dist.get_process_group_ranks(pp_group),

@@ -93,8 +93,9 @@ class PlannerService:
             raise ServiceError(f"planner workers failed to start: {error}")
         return self
 
-    def submit(self, iteration: int, batch: GlobalBatch) -> None:
-        """Queue a batch for planning (non-blocking)."""
+    def submit(self, iteration: int, batch: GlobalBatch, urgent: bool = False) -> None:
+        """Queue a batch for planning (non-blocking); an urgent one goes before the
+        batches already waiting (an evaluation step, needed before them)."""
         board = self._board
         with board.cond:
             if self._state != "running":
@@ -104,6 +105,8 @@ class PlannerService:
             entry = board.entries[iteration] = Entry(iteration, batch, time.perf_counter())
             if board.broken is not None:
                 entry.failure = "planner died"
+            elif urgent:
+                board.pending.appendleft(iteration)
             else:
                 board.pending.append(iteration)
         self._pool.wake()

@@ -86,6 +86,22 @@ def test_lookahead_plans_are_ready_before_they_are_needed():
     assert ready >= len(outcomes) - 2, [round(o.waited_ms) for o in outcomes]
 
 
+def test_an_urgent_batch_is_planned_before_the_batches_waiting():
+    """An evaluation step (urgent) goes before the training batches already queued."""
+    with PlannerService(settings(workers=1)) as service:
+        submitted = {}
+        for key, batch, urgent in [(0, TINY_BATCHES[0], False), (1, TINY_BATCHES[1], False),
+                                   (2, TINY_BATCHES[2], False), (99, TINY_BATCHES[3], True)]:
+            submitted[key] = time.perf_counter()
+            service.submit(key, batch, urgent=urgent)
+        ready = {}
+        for key in (99, 0, 1, 2):
+            outcome = service.get(key)
+            assert outcome.source == "planner"
+            ready[key] = submitted[key] + outcome.latency_ms / 1000
+    assert ready[99] < ready[1] < ready[2], ready  # queued last, planned before 1 and 2
+
+
 @pytest.mark.parametrize("fault, reason, restarts", [
     ("planner-crash", "planner died", 1), ("planner-hang", "hung", 1),
     ("bad-plan", "invalid plan: ", 0), ("bad-samples", "invalid plan: missing samples", 0)])

@@ -113,29 +113,36 @@ class OpenRun:
     """The PipeWeaverSchedule: Megatron's forward_backward over the feed's plans."""
 
 
-def open_run(args, topo: Topology) -> OpenRun:
-    """The model spec, this replica's batches, the plan feed (planner service on the
-    first rank of the model-parallel group) and the schedule; every data-parallel
-    replica is checked to hold the same layout. Closes the feed if that fails."""
+def open_plans(args, model: ModelSpec, batches, topo: Topology, parallel: dict | None = None,
+               model_file: str | None = None) -> tuple[PlanFeed, object]:
+    """The plan feed (planner service on the first rank of the model-parallel group)
+    and the PipeWeaverSchedule over its plans, every data-parallel replica checked to
+    hold the same layout (the feed is closed if that fails). Both entry points start
+    here: pretrain_lmm.py (open_run) and the Megatron-LM drop-in (user_run)."""
     from megatron.core import parallel_state
 
     from ..runtime import PipeWeaverSchedule
 
-    parallel = run_parallel(args, topo)
-    model = load_model(args.pipeweaver_model_config, parallel)
-    batches = replica_batches(args, model, topo.d_rank)
     feed = PlanFeed(args, model, batches, topo, parallel_state.get_model_parallel_group(),
-                    parallel)
+                    parallel, model_file=model_file)
     try:
         check_replicas_agree(feed.layout, parallel_state.get_data_parallel_group())
     except Exception:
         feed.close()
         raise
-    rules = TokenRules.from_model(model)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
-    schedule = PipeWeaverSchedule(feed.next_plan, model, rules, topo.p_rank,
-                                  dist.get_process_group_ranks(pp_group), pp_group)
-    return OpenRun(model, rules, batches, feed, schedule)
+    schedule = PipeWeaverSchedule(feed.next_plan, model, TokenRules.from_model(model),
+                                  topo.p_rank, dist.get_process_group_ranks(pp_group), pp_group)
+    return feed, schedule
+
+
+def open_run(args, topo: Topology) -> OpenRun:
+    """The model spec, this replica's batches, and the plan feed and schedule."""
+    parallel = run_parallel(args, topo)
+    model = load_model(args.pipeweaver_model_config, parallel)
+    batches = replica_batches(args, model, topo.d_rank)
+    feed, schedule = open_plans(args, model, batches, topo, parallel)
+    return OpenRun(model, TokenRules.from_model(model), batches, feed, schedule)
 
 
 def train(args) -> list[dict]:

@@ -8,14 +8,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-quick clean megatron-lm
+.PHONY: venv demo test bench bench-quick clean megatron-lm data
 
 venv: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -e '.[test,search,megatron-lm]'
+	$(PIP) install --quiet --disable-pip-version-check -e '.[test,search,megatron-lm,data]'
 	@touch $(STAMP)
 
 # Megatron-LM's sources at core_v0.16.1 for the tests that run its pretrain_vlm.py /
@@ -34,6 +34,17 @@ $(MEGATRON_LM_BUILD)/.ready:
 	  git -C $(MEGATRON_LM_BUILD) checkout -q -f core_v0.16.1 && touch $@; \
 	else echo "Megatron-LM: set MEGATRON_LM_DIR to a checkout at core_v0.16.1" \
 	  "(or provide $(MEGATRON_LM_TARBALL))" >&2; exit 2; fi
+
+# A small real dataset (pipeweaver_megatron/data/demo.py): scikit-image's photographs and
+# pydoc's text as captioning and interleaved Energon datasets, plus a local BPE tokenizer.
+DATA_BUILD := build/data
+
+data: $(DATA_BUILD)/.ready
+
+$(DATA_BUILD)/.ready: $(STAMP)
+	rm -rf $(DATA_BUILD)
+	$(VENV)/bin/pipeweaver data demo --out $(DATA_BUILD)
+	@touch $@
 
 demo: venv
 	$(VENV)/bin/pipeweaver demo

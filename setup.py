@@ -31,6 +31,15 @@ setup(
         # psutil by the torch_dist checkpoint writer (without it the writer subprocess
         # dies and the parent hangs), pybind11 to build the dataset helpers.
         "megatron-lm": ["six", "regex", "pydantic", "einops", "psutil", "pybind11", "triton"],
+        # Real multimodal data (pipeweaver_megatron/data): Energon datasets, the local BPE
+        # (tokenizers; transformers for Megatron's --tokenizer-type HuggingFaceTokenizer),
+        # the demo's photographs (scikit-image ships them) and image decoding (Pillow).
+        # megatron-energon 7.x, not the 6.0.1 that Megatron-LM core_v0.16.1's extras name:
+        # 6.0.1 needs extra pins (multi-storage-client<1, bitstring<5, its av-decode extra)
+        # and can spin forever on an exception in TaskEncoder.batch; 7.4.1 installs next to
+        # torch 2.13 (CPU) and megatron-core 0.16.1 without pulling a CUDA torch.
+        "data": ["megatron-energon==7.4.1", "tokenizers", "transformers", "scikit-image",
+                 "Pillow"],
     },
     entry_points={"console_scripts": ["pipeweaver=pipeweaver_megatron.cli.main:main"]},
 )

@@ -14,16 +14,18 @@ from ..schedules import Baseline, ScheduleError, build_baseline
 from ..semu import CalibrationError, StuckSchedule, simulate_workload, write_plot, write_trace
 from ..workload import WorkloadError, TokenRules, record_trace, sample_workload, summarize
 from ..planner import PlannerError, SYSTEMS, make_system
+from ..data import DataError
 from .format import format_model, format_simulation
 from .plan import add_cost_arguments, add_parser as add_plan_parser, cost_model
 from .calibrate import add_parser as add_calibrate_parser
 from .checkpoint import add_parser as add_checkpoint_parser
+from .data import add_parser as add_data_parser
 from .demo import add_parser as add_demo_parser
 from .verify import add_parser as add_verify_parser
 
 USER_ERRORS = (ConfigError, ScheduleError, WorkloadError, LayoutError, ScheduleFormatError,
                ScheduleValidationError, FileNotFoundError, CalibrationError, StuckSchedule,
-               ProfileError, PlannerError)
+               ProfileError, PlannerError, DataError)
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_parser(sub)
     add_calibrate_parser(sub)
     add_checkpoint_parser(sub)
+    add_data_parser(sub)
 
     add_demo_parser(sub)
     return parser

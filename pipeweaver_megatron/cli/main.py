@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="predict iteration time, bubbles, MFU and memory")
     sim.add_argument("--model", required=True)
-    sim.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
+    sim.add_argument("--workload", help="dataset generator, JSONL trace, or a prepared "
+                                           "dataset folder (`pipeweaver data prepare`; its "
+                                           "real batches) (default: the model's)")
     sim.add_argument("--schedule", required=True, choices=SYSTEMS,
                      help="pipeweaver plans every iteration; megatron-vpp, nnscaler and optimus "
                           "are the paper's comparison baselines")

@@ -65,7 +65,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     plan = sub.add_parser("plan", help="search a PipeWeaver schedule for one batch")
     plan.add_argument("--model", required=True)
-    plan.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
+    plan.add_argument("--workload", help="dataset generator, JSONL trace, or a prepared "
+                                           "dataset folder (`pipeweaver data prepare`; its "
+                                           "real batches) (default: the model's)")
     plan.add_argument("--budget-ms", type=float, default=1000.0, help="search time budget")
     plan.add_argument("--evaluations", type=int,
                       help="stop after this many candidates (reproducible on any machine)")

@@ -81,10 +81,13 @@ def read_latest(root: str) -> int:
         return int(f.read().strip())
 
 
-def save_checkpoint(root: str, rank: int, iteration: int, chunks, optimizer) -> str:
-    """Write this rank's state after `iteration` iterations; returns the file."""
+def save_checkpoint(root: str, rank: int, iteration: int, chunks, optimizer,
+                    extras: dict | None = None) -> str:
+    """Write this rank's state after `iteration` iterations; returns the file. extras:
+    more picklable state of this rank (e.g. its data loader's, under "data")."""
     path = rank_path(root, iteration, rank)
     write_rank_file(path, {
+        "extras": dict(extras or {}),
         "iteration": iteration,
         "chunks": [{local_name(k): v for k, v in c.state_dict().items()
                     if isinstance(v, torch.Tensor)} for c in chunks],
@@ -96,8 +99,9 @@ def save_checkpoint(root: str, rank: int, iteration: int, chunks, optimizer) -> 
     return path
 
 
-def load_checkpoint(root: str, rank: int, chunks, optimizer) -> int:
-    """Restore this rank's state from the latest checkpoint; returns its iteration."""
+def load_checkpoint(root: str, rank: int, chunks, optimizer, extras: dict | None = None) -> int:
+    """Restore this rank's state from the latest checkpoint; returns its iteration.
+    extras: filled with the file's extras (see save_checkpoint)."""
     iteration = read_latest(root)
     path = rank_path(root, iteration, rank)
     state = torch.load(path, weights_only=False)
@@ -113,6 +117,8 @@ def load_checkpoint(root: str, rank: int, chunks, optimizer) -> int:
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
+    if extras is not None:
+        extras.update(state.get("extras", {}))
     return iteration
 
 

@@ -40,6 +40,18 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--workload", help="dataset generator or JSONL trace of a real dataset's "
                                            "metadata (default: the model's)")
+    parser.add_argument("--data-path", metavar="DIR_OR_METADATASET_YAML",
+                        help="train on a prepared Energon dataset (`pipeweaver data prepare`) "
+                             "instead of synthetic tensors: each data-parallel rank reads its "
+                             "share, the planner plans those batches")
+    parser.add_argument("--data-split", default="train",
+                        help="the split of --data-path to train on")
+    parser.add_argument("--tokenizer-model", metavar="DIR",
+                        help="tokenizer folder (tokenizer.json, e.g. `pipeweaver data demo`'s "
+                             "BPE) for --data-path (default: byte-level, no file)")
+    parser.add_argument("--pipeweaver-skip-bad-samples", type=int, default=0, metavar="N",
+                        help="with --data-path: skip at most N bad samples (an image that does "
+                             "not decode, a sample over a microbatch limit), each logged")
     parser.add_argument("--save", help="checkpoint directory")
     parser.add_argument("--save-interval", type=int, default=0)
     parser.add_argument("--load", help="resume from this checkpoint directory")
@@ -56,6 +68,14 @@ def parse(argv=None) -> argparse.Namespace:
                      "one packed sequence of samples (--seq-length tokens); use 1")
     if args.clip_grad < 0:
         parser.error(f"--clip-grad must be >= 0, got {args.clip_grad}")
+    if args.data_path and args.workload:
+        parser.error("--data-path and --workload: train on a dataset (--data-path) or on a "
+                     "synthetic workload (--workload), not both")
+    if args.tokenizer_model and not args.data_path:
+        parser.error("--tokenizer-model needs --data-path (synthetic data has no text)")
+    if args.pipeweaver_skip_bad_samples < 0:
+        parser.error(f"--pipeweaver-skip-bad-samples must be >= 0, got "
+                     f"{args.pipeweaver_skip_bad_samples}")
     if args.use_distributed_optimizer and (args.save or args.load):
         parser.error("--save/--load with --use-distributed-optimizer: this entry point does not "
                      "yet save the distributed optimizer's sharded state; train without it or "

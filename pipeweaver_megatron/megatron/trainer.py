@@ -7,7 +7,8 @@ Adam with a DP all-reduce on the host: megatron/optim.py), and a loop. Each iter
 the first rank of the model-parallel group takes the plan of the next global batch
 (from the planner service, or the fallback schedule) and broadcasts it to the group;
 every rank runs forward_backward_pipeweaver on synthetic data whose metadata follows the
-workload, reduces gradients over data parallelism, divides them by the batch's loss
+workload (or, with --data-path, on a prepared dataset's samples: megatron/data_source.py),
+reduces gradients over data parallelism, divides them by the batch's loss
 tokens, and steps. Logs: a line per
 iteration, and JSON lines with --pipeweaver-log.
 """
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from ..config import ModelSpec, load_model
 from ..workload import TokenRules
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data_source import DATA_KEY, DataSource, StepData, saved_state
 from .optim import build_training
 from .plans import PlanFeed, replica_batches
 
@@ -106,8 +108,9 @@ class OpenRun:
     model: ModelSpec
     """--pipeweaver-model-config with the run's parallel flags."""
     rules: TokenRules
-    batches: list
-    """This data-parallel replica's GlobalBatch of every iteration."""
+    batches: list | None
+    """This data-parallel replica's GlobalBatch of every iteration (None with
+    --data-path: megatron/data_source.py reads them)."""
     feed: PlanFeed
     schedule: object
     """The PipeWeaverSchedule: Megatron's forward_backward over the feed's plans."""
@@ -140,7 +143,9 @@ def open_run(args, topo: Topology) -> OpenRun:
     """The model spec, this replica's batches, and the plan feed and schedule."""
     parallel = run_parallel(args, topo)
     model = load_model(args.pipeweaver_model_config, parallel)
-    batches = replica_batches(args, model, topo.d_rank)
+    # --data-path: train() hands the feed the loader's batches once --load is known
+    batches = None if getattr(args, "data_path", None) else replica_batches(args, model,
+                                                                            topo.d_rank)
     feed, schedule = open_plans(args, model, batches, topo, parallel)
     return OpenRun(model, TokenRules.from_model(model), batches, feed, schedule)
 
@@ -165,17 +170,25 @@ def train(args) -> list[dict]:
         chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed,
                               use_te=use_te_flag(args)).to(topo.device) for s in stages]
         training = build_training(chunks, args, topo.device)
-        start = 0
+        start, extras = 0, {}
         if args.load:
-            start = load_checkpoint(args.load, topo.rank, chunks, training.optimizer)
+            start = load_checkpoint(args.load, topo.rank, chunks, training.optimizer, extras)
+        source = _data_source(args, model, topo, extras, start)
+        if source is not None:
+            feed.batches = source.planner_batches(start)
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         feed.start(start)
         progress = Progress(args.train_iters, start)
         records = []
         for iteration in range(start, args.train_iters):
-            batch = batches[iteration]
-            data = iter([microbatch_data(model, mb, rules, args.seed).to(topo.device)
-                         for mb in batch.microbatches])  # the data loader's work, not timed
+            if source is None:
+                batch = batches[iteration]
+                data = iter([microbatch_data(model, mb, rules, args.seed).to(topo.device)
+                             for mb in batch.microbatches])  # the data loader's work, not timed
+            else:
+                step_data = source.step(iteration, topo.device)
+                batch = source.loader.batch(iteration).batch
+                data = iter(step_data.microbatches)
             began = time.perf_counter()
             training.zero_grad()
             reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data,
@@ -187,6 +200,8 @@ def train(args) -> list[dict]:
             record = feed.record(iteration, loss, tokens, elapsed)
             record.update(_measured(schedule.last_timeline, began),
                           microbatches=len(batch.microbatches))
+            if source is not None:
+                record.update(_data_record(step_data, source, topo))
             if args.pipeweaver_trace_dir:
                 _write_measured(args.pipeweaver_trace_dir, iteration, topo.rank,
                                 schedule.last_timeline, began, elapsed)
@@ -195,12 +210,36 @@ def train(args) -> list[dict]:
                 _report(args, record, progress.advance(elapsed))
             if args.save and (iteration + 1 == args.train_iters or
                               (args.save_interval and (iteration + 1) % args.save_interval == 0)):
-                save_checkpoint(args.save, topo.rank, iteration + 1, chunks, training.optimizer)
+                data_state = {} if source is None else {DATA_KEY: source.state_after(iteration)}
+                save_checkpoint(args.save, topo.rank, iteration + 1, chunks, training.optimizer,
+                                data_state)
         return records
     finally:
         if feed is not None:  # the planner service's processes, also after an error
             feed.close()
         teardown()
+
+
+def _data_source(args, model: ModelSpec, topo: Topology, extras: dict, start: int):
+    """--data-path's DataSource for this rank (resumed from the checkpoint's loader
+    state), or None for synthetic data."""
+    if not getattr(args, "data_path", None):
+        return None
+    state = saved_state(extras, args.load) if args.load else None
+    return DataSource(args, model, topo.d_rank, topo.dp, state, start)
+
+
+def _data_record(step: StepData, source: DataSource, topo: Topology) -> dict:
+    """The log's data fields: this replica's sample keys (and, gathered over the
+    data-parallel group, every replica's), skips and loader times."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, step.keys, group=group)
+    return {"sample_keys": step.keys, "sample_keys_by_dp_rank": every, "dp_rank": topo.d_rank,
+            "skipped_samples": source.skipped, "skipped_keys": list(step.skipped),
+            "data_read_s": step.read_seconds, "data_prepare_s": step.prepare_seconds}
 
 
 def check_replicas_agree(layout, dp_group) -> None:

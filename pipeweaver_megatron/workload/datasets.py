@@ -112,16 +112,34 @@ def is_trace_path(name_or_path: str | Path) -> bool:
     return text.endswith(".jsonl") or (text.lower() not in DATASETS and Path(text).is_file())
 
 
+PREPARED_META = ".nv-meta"
+"""The folder Energon's prepare writes into a dataset (data/prepare.py's META_DIR)."""
+
+
+def is_prepared_dataset(path: str | Path) -> bool:
+    """A dataset folder prepared for Energon (`pipeweaver data prepare`)."""
+    return (Path(path) / PREPARED_META).is_dir()
+
+
 def make_source(name_or_path: str | Path, rules: TokenRules, seed: int = 0
                 ) -> Iterator[SampleMeta]:
-    """Samples of a named generator (endless; ids from 0), or the samples of a JSONL trace.
+    """Samples of a named generator (endless; ids from 0), the samples of a JSONL trace,
+    or the train split of a prepared dataset folder (real samples read through Energon,
+    text counted by the byte-level tokenizer; ids from 0, in Energon's order).
 
-    A trace is replayed as recorded (its sample ids kept), and ends with the file.
+    A trace is replayed as recorded (its sample ids kept), and ends with the file, as a
+    dataset ends with its split.
     """
+    if is_prepared_dataset(name_or_path):
+        from ..data.loader import prepared_source  # Energon imports torch: only here
+
+        rules.require_image_rule(f"dataset {str(name_or_path)!r}")
+        return prepared_source(name_or_path, rules)
     if is_trace_path(name_or_path):
         return iter_trace(name_or_path)
     key = str(name_or_path).lower()
     if key not in DATASETS:
         raise WorkloadError(f"unknown dataset {str(name_or_path)!r}; known: "
-                            f"{', '.join(DATASETS)}, or a path to a .jsonl trace")
+                            f"{', '.join(DATASETS)}, a path to a .jsonl trace, or a prepared "
+                            "dataset folder")
     return DATASETS[key].source(rules, seed)

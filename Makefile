@@ -46,8 +46,9 @@ $(DATA_BUILD)/.ready: $(STAMP)
 	$(VENV)/bin/pipeweaver data demo --out $(DATA_BUILD)
 	@touch $@
 
-demo: venv
-	$(VENV)/bin/pipeweaver demo
+demo: venv data
+	$(VENV)/bin/pipeweaver demo --data-path $(DATA_BUILD)/interleaved \
+	  --tokenizer-model $(DATA_BUILD)/tokenizer
 
 test: venv megatron-lm
 	$(PY) -m pytest -q tests

@@ -1,11 +1,14 @@
 """`pipeweaver demo`: the main job on the embedded default.
 
-tiny-vlm trained on 2 local CPU processes (PP 2, one thread each) for a few iterations of
-an OBELICS-like workload, first with PipeWeaver plans, then with Megatron's static
-placement and 1F1B order through the same runtime, on the same batches; then the
-measured speedup, SEMU's prediction error per schedule, and how often a plan was ready
-before it was needed. Everything here is measured on this machine except the
-"predicted" column.
+tiny-vlm trained on 2 local CPU processes (PP 2, one thread each) for a few iterations,
+first with PipeWeaver plans, then with Megatron's static placement and 1F1B order
+through the same runtime, on the same batches; then the measured speedup, SEMU's
+prediction error per schedule, and how often a plan was ready before it was needed.
+With --data-path (make demo: the real interleaved dataset `make data` builds from
+scikit-image's photographs and pydoc's text, and its BPE) the batches are real images and
+text read through Energon, and the dataset's dynamicity is printed first; without it,
+the model's synthetic OBELICS-like workload. Everything here is measured on this machine
+except the "predicted" column.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def run_training(schedule: str, args: argparse.Namespace, log: Path,
                "--train-iters", str(args.iterations), "--seed", str(args.seed),
                "--pipeweaver-schedule", schedule, "--pipeweaver-log", str(log),
                "--pipeweaver-search-budget-ms", str(args.budget_ms), *extra_args]
+    if getattr(args, "data_path", None):
+        command += ["--data-path", str(args.data_path)]
+        if args.tokenizer_model:
+            command += ["--tokenizer-model", str(args.tokenizer_model)]
     if CALIBRATION.exists():
         command += ["--pipeweaver-calibration", str(CALIBRATION)]
     print(f"$ torchrun --nproc-per-node 2 scripts/pretrain_lmm.py ... --pipeweaver-schedule {schedule}",
@@ -61,9 +68,27 @@ def summary(records: list[dict], warmup: int) -> dict:
             "fallbacks": records[-1]["fallbacks"], "loss": records[-1]["loss"]}
 
 
+def print_data_stats(args: argparse.Namespace) -> None:
+    """The real dataset's dynamicity (`pipeweaver data stats`), train split."""
+    import warnings
+
+    from ..data.stats import dataset_stats
+
+    with warnings.catch_warnings():  # megatron-core's and Energon's import-time notes
+        warnings.simplefilter("ignore", UserWarning)
+        stats = dataset_stats(args.data_path, model=args.model, tokenizer=args.tokenizer_model,
+                              split="train")
+    print(stats.format(), flush=True)
+    print()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    data = (f"the real dataset {args.data_path}" if args.data_path
+            else "its synthetic OBELICS-like workload")
     print(f"PipeWeaver demo: {args.model} on 2 CPU processes (gloo, PP=2), "
-          f"{args.iterations} iterations of its OBELICS-like workload, seed {args.seed}")
+          f"{args.iterations} iterations of {data}, seed {args.seed}")
+    if args.data_path:
+        print_data_stats(args)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for schedule in ("pipeweaver", "megatron-1f1b"):
@@ -93,4 +118,8 @@ def add_parser(sub) -> None:
     demo.add_argument("--budget-ms", type=float, default=100.0,
                       help="search budget per plan (small: the 2 cores also train)")
     demo.add_argument("--port", type=int, default=29650)
+    demo.add_argument("--data-path", metavar="DIR", help="a prepared Energon dataset to train "
+                      "on (make demo: build/data/interleaved); default: the synthetic workload")
+    demo.add_argument("--tokenizer-model", metavar="DIR", help="its tokenizer folder "
+                      "(tokenizer.json; default: byte-level)")
     demo.set_defaults(func=cmd_demo)

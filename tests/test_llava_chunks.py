@@ -15,6 +15,15 @@ score buffer, RotaryEmbedding.get_emb) to the host, the softmax's default causal
 which build_module cannot build without Transformer Engine) to WrappedTorchNorm, the
 same torch.nn.LayerNorm built from the config; Tensor.cuda is the identity while the
 reference is built (CLIPViTModel moves its position ids to CUDA).
+
+Sequence parallelism runs on 2 gloo processes at TP 2 (torch.multiprocessing): each
+rank's LLaVAModel built with the LM config sequence-parallel (the vision and projection
+configs not, as pretrain_vlm.py builds them) against the chunks on the same rank,
+gradient shard by shard. Besides the patches above, each process lifts LLaVAModel's
+check that sequence parallelism runs on Transformer Engine's attention (the local
+spec's DotProductAttention computes the same causal attention) and takes the CPU
+stand-in's norm: torch's LayerNorm with its weights marked ``sequence_parallel`` as
+Apex's and TE's norms mark theirs (WrappedTorchNorm refuses sequence parallelism).
 """
 
 from __future__ import annotations
@@ -109,21 +118,24 @@ def host_megatron(megatron_single_process):
 
 # ---------------------------------------------------------------- model and data
 
-def configs(vision_hidden: int = HIDDEN):
+def configs(vision_hidden: int = HIDDEN, tp: int = 1, sequence_parallel: bool = False):
     """As pretrain_vlm.py's model_provider: the language config (here standing in for
     core_transformer_config_from_args), the vision one a deep copy with the encoder's
-    layers and vision_model_type "clip", the projection one a deep copy."""
+    layers and vision_model_type "clip", the projection one a deep copy (both with
+    sequence parallelism turned off, as the script does)."""
     language = TransformerConfig(
         num_layers=LM_LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN,
         num_attention_heads=HEADS, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False)
+        persist_layer_norm=False, apply_rope_fusion=False, tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel)
     vision = copy.deepcopy(language)
     vision.num_layers = VISION_LAYERS
     vision.vision_model_type = "clip"
     vision.context_parallel_size = 1
     vision.pipeline_model_parallel_size = 1
+    vision.sequence_parallel = False
     if vision_hidden != HIDDEN:
         vision.hidden_size = vision_hidden
         vision.ffn_hidden_size = 2 * vision_hidden
@@ -131,13 +143,16 @@ def configs(vision_hidden: int = HIDDEN):
     projection = copy.deepcopy(language)
     projection.context_parallel_size = 1
     projection.pipeline_model_parallel_size = 1
+    projection.sequence_parallel = False
     return language, vision, projection
 
 
-def make_recipe(drop: bool, position: str, vision_hidden: int = HIDDEN):
+def make_recipe(drop: bool, position: str, vision_hidden: int = HIDDEN, tp: int = 1,
+                sequence_parallel: bool = False):
     """(pretrain_vlm's decoder_seq_length would be TEXT_LEN + 1 + one image's tokens;
     MAX_LM leaves room for the two-image batch, which LLaVAModel would truncate.)"""
-    return llava_recipe(*configs(vision_hidden), vocab_size=VOCAB, max_sequence_length=MAX_LM,
+    return llava_recipe(*configs(vision_hidden, tp, sequence_parallel), vocab_size=VOCAB,
+                        max_sequence_length=MAX_LM,
                         img_h=IMG, img_w=IMG, patch_dim=PATCH, drop_vision_class_token=drop,
                         position_embedding_type=position)
 
@@ -166,7 +181,7 @@ def build_llava(recipe):
     return model
 
 
-def model_spec(recipe):
+def model_spec(recipe, tp: int = 1, sequence_parallel: bool = False):
     """Our ModelSpec of the same model (vision_model -> vision_projection -> language_model)."""
     vision = recipe.vision_config
     return ModelSpec(
@@ -182,7 +197,8 @@ def model_spec(recipe):
                        hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
                        vocab_size=VOCAB)),
         topology=((VISION, PROJ), (PROJ, LM)),
-        parallel=ParallelSpec(tp=1, pp=1, sequence_parallel=False, microbatch_tokens=256,
+        parallel=ParallelSpec(tp=tp, pp=1, sequence_parallel=sequence_parallel,
+                              microbatch_tokens=256,
                               max_images_per_microbatch=4, global_batch_size=1))
 
 
@@ -482,3 +498,180 @@ def test_recipe_must_match_the_model_spec(setups):
                          img_h=IMG, img_w=IMG, patch_dim=PATCH, drop_vision_class_token=False)
     with pytest.raises(ValueError, match="layers in the model spec"):
         LMMChunk(model, LAYOUTS["whole"][0], recipe=other)
+
+
+# ---------------------------------------------------------------- sequence parallelism
+
+SP_VARIANTS = ((False, "learned_absolute"), (True, "rope"))
+"""(drop class token, position embedding): S' = 41 (padded to 42 as get_batch pads it)
+and S' = 40 (no padding) at TP 2."""
+
+
+def sp_batch(sample, image, recipe, tp: int):
+    """pretrain_vlm.py's get_batch under --sequence-parallel (CP 1): the text padded with
+    megatron-core's get_padding so that the combined sequence divides by TP, and its
+    get_packed_seq_params descriptor of the one sequence."""
+    from megatron.core.models.multimodal.context_parallel import (
+        get_packed_seq_params, get_padding,
+    )
+
+    tokens, position_ids, labels, images, loss_mask, _, _ = get_batch(sample, image)
+    n = int((tokens == DEFAULT_IMAGE_TOKEN_INDEX).sum())
+    img_seq_len = recipe.img_seq_len * n - n  # get_batch's
+    padding = get_padding(tokens.shape[1] + img_seq_len, 1, tp, True)
+    if padding:
+        tokens, position_ids, labels, loss_mask = [
+            torch.nn.functional.pad(x, (0, padding))
+            for x in (tokens, position_ids, labels, loss_mask)]
+    params = get_packed_seq_params(tokens, img_seq_len, padding, 1)
+    return (tokens, position_ids, labels, images, loss_mask, None, params), padding
+
+
+def _sp_case(drop: bool, position: str, sample) -> dict:
+    """One TP rank: LLaVAModel under SP and the chunks of three layouts, compared."""
+    recipe = make_recipe(drop, position, tp=2, sequence_parallel=True)
+    torch.manual_seed(11)
+    reference = build_llava(recipe)
+    model = model_spec(recipe, tp=2, sequence_parallel=True)
+    batch, padding = sp_batch(sample, random_image(seed=13), recipe, tp=2)
+    reference.zero_grad(set_to_none=True)
+    # Megatron's padding-causal mask (TE) equals the causal one on every real token,
+    # and megatron-core's DotProductAttention takes no packed_seq_params: pass none.
+    want_loss, want_tokens, _ = reference_loss(reference, batch[:6] + (None,))
+    want = dict(reference.named_parameters())
+    weights = reference.state_dict()
+    data = llava_microbatch(batch, recipe, index=0)
+    found = {"padding": padding, "length": data.text.tokens.numel(), "layouts": {}}
+    for layout in ("whole", "megatron", "modality"):
+        chunks = []
+        for parts in LAYOUTS[layout]:
+            chunk = LMMChunk(model, parts, tp=2, recipe=recipe, seed=3)
+            with torch.no_grad():
+                for name, tensor in chunk.state_dict(keep_vars=True).items():
+                    if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state"):
+                        tensor.copy_(weights[name])
+            chunks.append(chunk)
+        rows = []  # the sequence rows the LM's last layer runs on
+        last_layer = chunks[-1].language_model.decoder.layers[str(LM_LAYERS - 1)]
+        hook = last_layer.register_forward_pre_hook(
+            lambda module, args, kwargs: rows.append(args[0].size(0)), with_kwargs=True)
+        messages = []
+        for chunk in chunks:
+            chunk.register_forward_hook(lambda module, args, result: messages.append(
+                {k: tuple(v.shape) for k, v in result.outputs.items()}))
+        got_loss, got_tokens = run_stages(chunks, data)
+        hook.remove()
+        owner = {n: p for c in chunks for n, p in c.named_parameters()}
+        grad = max((owner[n].grad - p.grad).abs().max().item()
+                   / max(1.0, p.grad.abs().max().item()) for n, p in want.items())
+        found["layouts"][layout] = dict(
+            loss=(got_loss, want_loss), tokens=(got_tokens, want_tokens), grad=grad,
+            names=(set(owner) == set(want)), rows=rows, messages=messages,
+            marked=sorted(n for n, p in owner.items() if getattr(p, "sequence_parallel", False)),
+            want_marked=sorted(n for n, p in want.items()
+                               if getattr(p, "sequence_parallel", False)),
+            zero=[n for n, p in want.items() if not p.grad.abs().sum() > 0])
+    return found
+
+
+def _sp_rank(rank: int, store: str, samples, results) -> None:
+    """A TP-2 rank on gloo with this module's host patches, the stand-in's norm (torch's
+    LayerNorm marked sequence_parallel as Apex's and TE's are) and LLaVAModel's
+    "TE attention only" check lifted for the local spec's DotProductAttention."""
+    import torch.distributed as dist
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from pipeweaver_megatron.cpu_standin.megatron_patches import norm_with_sequence_parallel
+    from pipeweaver_megatron.models import init_parallel, teardown
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        init_parallel(2, 1, seed=1234)
+        norm_with_sequence_parallel()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+            patch.setattr("megatron.core.fusions.fused_softmax.get_default_causal_mask",
+                          _host_causal_mask)
+            patch.setattr(llava_model, "CLIPViTModel", _HostCLIP)
+            patch.setattr(llava_model, "TEDotProductAttention", DotProductAttention,
+                          raising=False)
+            patch.setattr(llava_model, "HAVE_TE", True)
+            results[rank] = {variant: _sp_case(*variant, samples[0]) for variant in SP_VARIANTS}
+    finally:
+        teardown()
+
+
+@pytest.fixture(scope="module")
+def sp_results(mock_samples, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    store = tmp_path_factory.mktemp("sp") / "store"
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sp_rank, args=(str(store), mock_samples, results), nprocs=2, join=True)
+        return dict(results)
+
+
+@pytest.mark.parametrize("drop,position", SP_VARIANTS)
+def test_sequence_parallel_tp2_matches_llava_model(sp_results, drop, position):
+    """TP 2 with sequence parallelism on 2 gloo processes: megatron-core's LLaVAModel
+    (its scatter after _preprocess_data, sequence-parallel layers, output-layer gather)
+    against the chunks of three layouts, each rank's loss and every gradient shard by
+    name; the LM layers ran on half the sequence, the messages between LM parts are the
+    whole sequence, and the same parameters carry ``sequence_parallel`` (the ones
+    finalize_model_grads all-reduces over TP)."""
+    for rank in (0, 1):
+        case = sp_results[rank][drop, position]
+        assert case["padding"] == (0 if drop else 1)
+        length = case["length"]
+        assert length % 2 == 0
+        for layout, got in case["layouts"].items():
+            loss, want = got["loss"]
+            assert loss == pytest.approx(want, rel=TOL, abs=0), (rank, layout)
+            assert got["tokens"][0] == got["tokens"][1], (rank, layout)
+            assert got["names"] and got["grad"] <= TOL, (rank, layout, got["grad"])
+            assert got["rows"] == [length // 2], (rank, layout, got["rows"])
+            assert got["marked"] == got["want_marked"] and got["marked"], (rank, layout)
+            assert all(".decoder.layers." in n or "final_layernorm" in n
+                       for n in got["marked"]) and not any(
+                n.startswith(("vision_model.", "vision_projection.")) for n in got["marked"])
+            lm_part = {"megatron": 0, "modality": 3}.get(layout)  # an LM part before the last
+            if lm_part is not None:
+                assert got["messages"][lm_part] == {"hidden": (length, 1, HIDDEN)}, layout
+    # the ranks hold different shards of the same model, so the same loss; no gradient
+    # compared is zero on both shards (a rank's vocabulary rows may see no token)
+    for variant in SP_VARIANTS:
+        for layout in LAYOUTS:
+            zero = [set(sp_results[r][variant]["layouts"][layout]["zero"]) for r in (0, 1)]
+            assert not zero[0] & zero[1], (variant, layout, zero)
+        assert (sp_results[0][variant]["layouts"]["whole"]["loss"][1]
+                == pytest.approx(sp_results[1][variant]["layouts"]["whole"]["loss"][1],
+                                 rel=1e-6))
+
+
+def test_sequence_parallel_is_the_lms_alone_and_needs_one_sequence(setups, mock_samples):
+    """pretrain_vlm.py keeps the ViT and the projector off sequence parallelism, so a
+    recipe that puts them on it is refused; a batch of packed samples or context
+    parallelism's THD format is refused by name."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    recipe, model = setups[False, "rope"][:2]
+    language, vision, projection = configs()
+    vision.sequence_parallel = True
+    other = llava_recipe(language, vision, projection, vocab_size=VOCAB,
+                         max_sequence_length=MAX_LM, img_h=IMG, img_w=IMG, patch_dim=PATCH,
+                         drop_vision_class_token=False)
+    with pytest.raises(ValueError, match="only the LM runs sequence-parallel"):
+        LMMChunk(model, LAYOUTS["whole"][0], recipe=other)
+    batch = get_batch(mock_samples[0])
+    length = batch[0].size(1) - 1 + recipe.img_seq_len
+    two = torch.tensor([0, length // 2, length], dtype=torch.int32)
+    for params in (PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=two, cu_seqlens_kv=two),
+                   PackedSeqParams(qkv_format="thd", cu_seqlens_q=two[::2],
+                                   cu_seqlens_kv=two[::2])):
+        with pytest.raises(ValueError, match="LLaVA chunks take one sequence"):
+            llava_microbatch(batch[:6] + (params,), recipe)
+    with pytest.raises(ValueError, match="attention mask"):
+        llava_microbatch(batch[:5] + (torch.ones(1, 1, 1, length), None), recipe)

@@ -41,11 +41,14 @@ def _convert_lm(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         print(json.dumps({"iteration": result.iteration, "files": list(result.files),
-                          "tensors": result.tensors}))
+                          "tensors": result.tensors, "optimizer": result.optimizer}))
     else:
+        carried = ("with the optimizer's state" if result.optimizer else
+                   "load it with --no-load-optim: no optimizer state moves, the checkpoint "
+                   "has the distributed optimizer's or none")
         print(f"iteration {result.iteration}: --pipeweaver checkpoint -> Megatron-LM at PP {pp}, "
               f"{len(result.files)} rank files, {result.tensors} tensors, written to "
-              f"{args.save} (load it with --no-load-optim: the optimizer state stays behind)")
+              f"{args.save} ({carried})")
     return 0
 
 

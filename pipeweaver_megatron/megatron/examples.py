@@ -7,6 +7,11 @@ checkpoint format pretrain_vlm.py asserts, --eval-interval even without evaluati
 dropout off so that runs at different PP compare exactly, and per-token losses. Add
 --pipeline-model-parallel-size, --train-iters and --pipeweaver as wanted. The drop-in
 tests and benchmarks/megatron_dropin.py run it.
+
+TINY_GPT: pretrain_gpt.py's flags for a GPT of 4 layers x 64 on sequences of 64 tokens
+(4 microbatches per iteration), its mock data, the same CPU settings and dropout off, and
+--untie-embeddings-and-output-weights (the GPT chunks do not tie the output layer to the
+embedding). tests/test_gpt_dropin.py runs it.
 """
 
 TINY_LLAVA: tuple[str, ...] = (
@@ -17,3 +22,12 @@ TINY_LLAVA: tuple[str, ...] = (
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--transformer-impl", "local",
     "--ckpt-format", "torch", "--log-interval", "1", "--mock-data", "--seed", "1234",
     "--calculate-per-token-loss", "--hidden-dropout", "0", "--attention-dropout", "0")
+
+TINY_GPT: tuple[str, ...] = (
+    "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
+    "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--transformer-impl", "local",
+    "--untie-embeddings-and-output-weights", "--ckpt-format", "torch", "--log-interval", "1",
+    "--mock-data", "--num-workers", "0", "--seed", "1234", "--calculate-per-token-loss",
+    "--hidden-dropout", "0", "--attention-dropout", "0")

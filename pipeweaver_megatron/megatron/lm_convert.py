@@ -8,11 +8,16 @@ LLaVAModel's names with global layer indices). OUT gets iter_N/mp_rank_TT[_PPP] 
 LLaVAModel at PP P as Megatron builds it: the vision model, the projector and the
 embedding on the first stage, the final norm and the output layer on the last, the LM's
 layers split as megatron-core's get_num_layers_to_build / get_transformer_layer_offset
-split them (--decoder-first/last-pipeline-num-layers included) and numbered locally; the
-args say PP P and no --pipeweaver; the iteration, the scheduler and the RNG states are
-carried. The optimizer's state is not (its parameter order follows the layout): the
-script loads OUT with --no-load-optim. The other direction needs no conversion: a
---pipeweaver run --load-s the script's own checkpoints at any PP (script_checkpoint.py).
+split them (--decoder-first/last-pipeline-num-layers included) and numbered locally, each
+stage's tensors in LLaVAModel's order (llava_order); the args say PP P and no
+--pipeweaver; the iteration, the scheduler and the RNG states are carried, and so is the
+optimizer's state, by parameter name (script_checkpoint.py's named_optimizer_state): each
+stage's ids number its parameters in the groups megatron-core's _get_param_groups makes
+of that stage, so the script loads OUT without --no-load-optim. A checkpoint of the
+distributed optimizer (--use-distributed-optimizer) converts without its optimizer
+state (LmConvertResult.optimizer False; load it with --no-load-optim). The other
+direction needs no conversion: a --pipeweaver run --load-s the script's own checkpoints
+at any PP, optimizer included (script_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ from dataclasses import dataclass
 import torch
 
 from .model_args import FlagError
-from .script_checkpoint import LAYER_NAME, checkpoint_dir, rank_files
+from .script_checkpoint import (LAYER_NAME, checkpoint_dir, group_names,
+                                megatron_optimizer_state, named_optimizer_state, rank_files)
 
 
 @dataclass(frozen=True)
 class LmConvertResult:
+    """What convert_to_megatron wrote: the iteration, the rank files, the tensors moved
+    and whether the optimizer's state went with them (not for the distributed one)."""
+
     iteration: int
     files: tuple[str, ...]
     tensors: int
+    optimizer: bool
 
 
 def is_megatron_lm_checkpoint(path: str) -> bool:
@@ -84,10 +94,30 @@ def _stage_of(name: str, stages: list[tuple[int, int]]) -> tuple[int, str]:
     return 0, name  # vision_model, vision_projection, language_model.embedding
 
 
+LLAVA_MODULES = ("language_model", "vision_model", "vision_projection")
+"""LLaVAModel's modules in the order its __init__ registers them (its named_parameters'
+and state_dict's order)."""
+
+AFTER_LAYERS = ("decoder.final_layernorm.", "output_layer.", "ln_post.")
+"""Tensors of a LLaVAModel module that follow its transformer layers."""
+
+
+def llava_order(name: str) -> tuple[int, int, int]:
+    """A sort key that puts LLaVAModel's tensors (global names) in its own order when
+    the ties keep the chunks' order (each chunk's tensors are in LLaVAModel's order):
+    by module, then what precedes the layers, the layers by index, what follows."""
+    top, rest = name.split(".", 1)
+    module = LLAVA_MODULES.index(top) if top in LLAVA_MODULES else len(LLAVA_MODULES)
+    match = LAYER_NAME.match(name)
+    if match:
+        return module, 1, int(match.group(2))
+    return module, 2 if rest.startswith(AFTER_LAYERS) else 0, 0
+
+
 def convert_to_megatron(load: str, save: str, pp: int) -> LmConvertResult:
     """Write the PP-pp Megatron checkpoint of a --pipeweaver one (module docstring)."""
     directory, iteration, release = checkpoint_dir(load)
-    written, total = [], 0
+    written, total, with_optimizer = [], 0, True
     for tp_rank in _tp_ranks(directory):
         states = {p: torch.load(path, map_location="cpu", weights_only=False)
                   for p, path in rank_files(directory, tp_rank).items()}
@@ -97,13 +127,26 @@ def convert_to_megatron(load: str, save: str, pp: int) -> LmConvertResult:
             raise FlagError(f"--load {load}: not saved under --pipeweaver (Megatron's own "
                             "checkpoint: a --pipeweaver run loads it as it is)")
         stages = stage_layers(saved, pp)
+        # The saved ranks' chunks (global names, as LMMChunk names them) and every
+        # tensor (extra states included) in LLaVAModel's order.
+        chunks = {p: [{n: t for n, t in state[key].items() if isinstance(t, torch.Tensor)
+                       and not n.endswith("_extra_state")}
+                      for key in sorted(k for k in state if re.fullmatch(r"model\d*", k))]
+                  for p, state in sorted(states.items())}
+        values = [(name, value) for p, state in sorted(states.items())
+                  for key in sorted(k for k in state if re.fullmatch(r"model\d*", k))
+                  for name, value in state[key].items()]
+        values.sort(key=lambda item: llava_order(item[0]))
         models: list[dict] = [{} for _ in range(pp)]
-        for state in states.values():
-            for key in sorted(k for k in state if re.fullmatch(r"model\d*", k)):
-                for name, value in state[key].items():
-                    p, local = _stage_of(name, stages)
-                    models[p][local] = value
-                    total += isinstance(value, torch.Tensor)
+        params: list[dict[str, torch.Tensor]] = [{} for _ in range(pp)]
+        for name, value in values:
+            p, local = _stage_of(name, stages)
+            models[p][local] = value
+            total += isinstance(value, torch.Tensor)
+            if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
+                params[p][name] = value
+        optimizers = _target_optimizers(chunks, states, params, saved, f"--load {load}")
+        with_optimizer = with_optimizer and optimizers is not None
         args = copy.copy(saved)
         args.pipeline_model_parallel_size = pp
         args.virtual_pipeline_model_parallel_size = None
@@ -115,6 +158,8 @@ def convert_to_megatron(load: str, save: str, pp: int) -> LmConvertResult:
                    "iteration": iteration, "model": models[p],
                    "num_floating_point_operations_so_far":
                        first.get("num_floating_point_operations_so_far", 0)}
+            if optimizers is not None:
+                out["optimizer"] = optimizers[p]
             for key in ("opt_param_scheduler", "rng_state"):
                 if key in source:
                     out[key] = source[key]
@@ -127,4 +172,19 @@ def convert_to_megatron(load: str, save: str, pp: int) -> LmConvertResult:
             written.append(path)
     with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as tracker:
         tracker.write("release" if release else str(iteration))
-    return LmConvertResult(iteration, tuple(written), total)
+    return LmConvertResult(iteration, tuple(written), total, with_optimizer)
+
+
+def _target_optimizers(chunks: dict[int, list[dict]], states: dict[int, dict],
+                       params: list[dict[str, torch.Tensor]], saved, where: str
+                       ) -> list[dict] | None:
+    """The optimizer state_dict of every target stage (its parameters by global name),
+    moved by name from the saved ranks'; None when the checkpoint has none that maps
+    (no optimizer saved, or the distributed optimizer's)."""
+    if saved.use_distributed_optimizer or any("optimizer" not in s for s in states.values()):
+        return None
+    named = named_optimizer_state(chunks, states, where)
+    tensors = {name: t for stage in params for name, t in stage.items()}
+    mixed = bool(saved.bf16 or saved.fp16)
+    return [megatron_optimizer_state(named, list(by_key.items()), mixed, tensors, where)
+            for by_key in group_names([[stage] for stage in params], saved)]

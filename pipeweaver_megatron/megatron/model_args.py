@@ -179,8 +179,9 @@ def planning_spec(args: argparse.Namespace, *, hardware: str = "H800") -> ModelS
     run starts: the vocabulary is --vocab-size (PLANNING_VOCAB without it; the
     tokenizer's padding moves the embedding's cost by a few rows), and pretrain_vlm.py's
     LM sequence is --dataloader-seq-length (else --seq-length) plus the image tokens of
-    every sample's tile, which is what its model_provider sets --decoder-seq-length to
-    (the run checks that it did)."""
+    every sample's tile, plus the padding megatron-core's context_parallel.get_padding
+    adds for --sequence-parallel, which is what its model_provider sets
+    --decoder-seq-length to (the run checks that it did)."""
     fixed = argparse.Namespace(**vars(args))
     fixed.padded_vocab_size = _get(args, "vocab_size") or PLANNING_VOCAB
     if is_vlm(args):
@@ -188,8 +189,23 @@ def planning_spec(args: argparse.Namespace, *, hardware: str = "H800") -> ModelS
         text = _get(args, "dataloader_seq_length") or _get(args, "seq_length")
         if not text:
             raise FlagError("--pipeweaver needs the text length: pass --seq-length")
-        fixed.decoder_seq_length = text + rule.lm_tokens(rule.fixed_height, rule.fixed_width)
+        tokens = text + rule.lm_tokens(rule.fixed_height, rule.fixed_width)
+        fixed.decoder_seq_length = tokens + _vlm_padding(args, tokens)
     return spec_from_args(fixed, hardware=hardware)
+
+
+def _vlm_padding(args: argparse.Namespace, tokens: int) -> int:
+    """The padding pretrain_vlm.py's model_provider adds to the LM sequence length
+    (megatron-core's get_padding: to a multiple of TP under --sequence-parallel)."""
+    sequence_parallel = bool(_get(args, "sequence_parallel", False))
+    if not (sequence_parallel or _get(args, "context_parallel_size", 1) > 1):
+        return 0
+    from megatron.core.models.multimodal.context_parallel import get_padding
+
+    return get_padding(tokens, _get(args, "context_parallel_size", 1),
+                       _get(args, "tensor_model_parallel_size", 1), sequence_parallel,
+                       bool(_get(args, "decoder_tp_comm_overlap", False)),
+                       _get(args, "decoder_seq_length"))
 
 
 def check_agrees(config: ModelSpec, derived: ModelSpec, config_name: str) -> None:

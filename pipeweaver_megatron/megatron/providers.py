@@ -142,9 +142,10 @@ def check_args(args: argparse.Namespace) -> None:
          "chunks' local layer spec refuses it")
     need(getattr(args, "rampup_batch_size", None) is None, "drop --rampup-batch-size: the "
          "planner needs a fixed number of microbatches per iteration")
-    need(not (getattr(args, "save", None) or getattr(args, "load", None)), "drop --save / "
-         "--load: Megatron-LM's checkpoints need MegatronModule's sharded_state_dict, which "
-         "LMM chunks lack (scripts/pretrain_lmm.py saves and resumes)")
+    need(not (getattr(args, "save", None) or getattr(args, "load", None))
+         or getattr(args, "ckpt_format", None) == "torch_dist", "pass --ckpt-format "
+         "torch_dist with --save / --load: the LMM chunks' sharded_state_dict is layout-free "
+         "(models/sharding.py); other formats would tie the checkpoint to one layout")
     need(getattr(args, "micro_batch_size", 1) == 1, "pass --micro-batch-size 1: a PipeWeaver "
          "microbatch is one packed sequence of up to --seq-length tokens")
     if problems:

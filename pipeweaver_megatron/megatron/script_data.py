@@ -5,8 +5,8 @@ train_valid_test_datasets_provider, Megatron's samplers over data parallelism) a
 an iterator to every forward_backward call. ScriptBatches reads it whole iterations at a
 time, lookahead iterations ahead of training, through the script's own get_batch (which
 also broadcasts over tensor parallelism), turns every microbatch into MicrobatchData
-(models.llava_data.llava_microbatch) and its metadata into a GlobalBatch for the
-planner; forward_backward then takes exactly those microbatches, in order. Every
+(models.llava_data.llava_microbatch; pretrain_gpt.py's: models.gpt.gpt_microbatch) and
+its metadata into a GlobalBatch for the planner; forward_backward then takes exactly those microbatches, in order. Every
 microbatch Megatron's iterator yields is planned once and trained once; the ones read
 ahead beyond the last iteration are never trained, and Megatron's sampler, which
 counts consumed samples by trained iterations, hands them out again after a resume.
@@ -53,15 +53,18 @@ class ScriptBatches:
             self.next_read += 1
 
     def metadata(self, iteration: int, data: list) -> GlobalBatch:
-        """The GlobalBatch the planner sees (see [Note: metadata of a LLaVA microbatch])."""
+        """The GlobalBatch the planner sees (see [Note: metadata of a LLaVA microbatch];
+        a GPT microbatch is one sample of text tokens alone)."""
         height, width = self.image_size
         microbatches = []
         for j, microbatch in enumerate(data):
             text = microbatch.text
             images = microbatch.images
             text_tokens = int(text.tokens.numel()) - sum(images.lm_tokens)
+            count = len(images.indices)
             sample = SampleMeta(sample_id=iteration * self.count + j, text_tokens=text_tokens,
-                                images=(ImageMeta(height=height, width=width),) * len(images.indices))
+                                images=(ImageMeta(height=height, width=width),) * count
+                                if count else ())
             microbatches.append(Microbatch(index=j, samples=(sample,)))
         return GlobalBatch(iteration=iteration, microbatches=tuple(microbatches))
 

@@ -1,4 +1,5 @@
-"""The user's model: what the script's own model_provider builds, as a LlavaRecipe.
+"""The user's model: what the script's own model_provider builds, as a LlavaRecipe (or,
+for pretrain_gpt.py, a GptRecipe: script_gpt.py).
 
 pretrain_vlm.py's model_provider derives three TransformerConfigs, the layer specs and
 the sequence lengths from Megatron's flags (and sets args.decoder_seq_length,
@@ -10,14 +11,21 @@ arguments the script passes, whatever the user changed in their copy of the scri
 LLaVAModel (and no weight) is built for it. recipe_of turns the record into the
 LlavaRecipe the chunk parts take (models/llava.py) and refuses, in one message, what the
 parts do not implement.
+
+ScriptKind is what the drop-in (user_run.py) needs of one kind of script model:
+capture, recipe, the check against the planned spec, the microbatch conversion, the
+chunks and what the script's data reading needs for the run. LLAVA is this module's,
+script_gpt.GPT pretrain_gpt.py's; script_kind picks one from the script's provider.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..config import ModelSpec, ModuleKind
 from .model_args import FlagError
 
 _UNSUPPORTED = {
@@ -36,7 +44,8 @@ _UNSUPPORTED = {
 
 @dataclass(frozen=True)
 class ScriptModel:
-    """The arguments of the script's LLaVAModel(...) call and of its freeze(...)."""
+    """The arguments of the script's LLaVAModel(...) (or GPTModel(...)) call and of its
+    freeze(...)."""
 
     kwargs: dict[str, Any]
     freeze: dict[str, bool] = field(default_factory=dict)
@@ -49,14 +58,50 @@ def _globals(function: Callable[..., Any]) -> dict[str, Any]:
     return getattr(function, "__globals__", {})
 
 
+@dataclass(frozen=True)
+class ScriptKind:
+    """What the drop-in needs of one kind of script model (see the module docstring)."""
+
+    name: str
+    capture: Callable[..., ScriptModel]
+    """(the script's model_provider, **its call) -> the recorded model call."""
+    recipe_of: Callable[[ScriptModel], Any]
+    """The recipe the chunk parts take (refusing what they do not implement)."""
+    check_built: Callable[[argparse.Namespace, ModelSpec, Any], None]
+    """(args, the planned spec, recipe): FlagError where they disagree."""
+    convert: Callable[[Any], Callable[[Any, int], Any]]
+    """recipe -> (get_batch's result, index) -> MicrobatchData."""
+    image_size: Callable[[ModelSpec], tuple[int, int]]
+    """The (height, width) of every image of the planner's metadata."""
+    build: Callable[..., Any]
+    """(spec, layout, stage index, *, tp, recipe, seed) -> the stage's LMMChunk."""
+    prepare: Callable[[dict[str, Any]], Callable[[], None]] = lambda names: (lambda: None)
+    """The script's module namespace -> set up for the run; returns the undo."""
+
+
+_NOT_SUPPORTED = ("--pipeweaver without --pipeweaver-model-config trains the script's own "
+                  "model, which must be pretrain_vlm.py's LLaVA or pretrain_gpt.py's GPT "
+                  "(megatron-core's LLaVAModel or GPTModel)")
+
+
 def require_llava(model_provider: Callable[..., Any]) -> None:
-    """The script's model_provider builds megatron-core's LLaVAModel (pretrain_vlm.py's),
-    the one model the drop-in cuts into chunks so far."""
+    """The script's model_provider builds megatron-core's LLaVAModel (pretrain_vlm.py's)."""
     if "LLaVAModel" not in _globals(model_provider):
-        raise FlagError("--pipeweaver without --pipeweaver-model-config trains the script's "
-                        "own model, which so far must be pretrain_vlm.py's LLaVA; this "
-                        "script builds another (pretrain_gpt.py's GPT is next): pass "
+        raise FlagError(f"{_NOT_SUPPORTED}; this script builds no LLaVAModel: pass "
                         "--pipeweaver-model-config NAME to train a YAML model instead")
+
+
+def script_kind(model_provider: Callable[..., Any]) -> ScriptKind:
+    """The kind of model the script's model_provider builds: LLaVA where its module
+    binds LLaVAModel, GPT where it (or a builder its partial binds) binds GPTModel."""
+    from .script_gpt import GPT, builds_gpt
+
+    if "LLaVAModel" in _globals(model_provider):
+        return LLAVA
+    if builds_gpt(model_provider):
+        return GPT
+    raise FlagError(f"{_NOT_SUPPORTED}; this script builds another: pass "
+                    "--pipeweaver-model-config NAME to train a YAML model instead")
 
 
 def capture_llava(model_provider: Callable[..., Any], **call: Any) -> ScriptModel:
@@ -121,3 +166,43 @@ def recipe_of(model: ScriptModel):
         rotary_base=kw["language_rotary_base"], rope_scaling=kw["language_rope_scaling"],
         rope_scaling_factor=kw["language_rope_scaling_factor"],
         image_token_index=kw["image_token_index"], parallel_output=kw["parallel_output"])
+
+
+def check_built(args: argparse.Namespace, spec: ModelSpec, recipe: Any) -> None:
+    """The spec the layout was cut with must describe the LLaVA the script built."""
+    lm = spec.language_model
+    vision = spec.modules_of(ModuleKind.VISION_ENCODER)[0]
+    built = {"LM layers": (lm.num_layers, recipe.language_config.num_layers),
+             "ViT layers": (vision.num_layers, recipe.vision_config.num_layers),
+             "LM hidden size": (lm.hidden_size, recipe.language_config.hidden_size),
+             "LM FFN size": (lm.ffn_hidden_size, recipe.language_config.ffn_hidden_size),
+             "LM sequence": (spec.parallel.microbatch_tokens, args.decoder_seq_length),
+             "data-parallel size": (spec.parallel.dp, args.data_parallel_size)}
+    wrong = [f"{what} {planned} planned, {actual} built" for what, (planned, actual)
+             in built.items() if planned != actual]
+    if wrong:
+        raise FlagError("--pipeweaver: the layout was cut for another model than the "
+                        "script built: " + "; ".join(wrong))
+
+
+def _convert(recipe: Any) -> Callable[[Any, int], Any]:
+    from ..models.llava_data import llava_microbatch
+
+    return lambda batch, index: llava_microbatch(batch, recipe, index)
+
+
+def _image_size(spec: ModelSpec) -> tuple[int, int]:
+    rule = spec.modules_of(ModuleKind.VISION_ENCODER)[0].image
+    return rule.fixed_height, rule.fixed_width
+
+
+def _build(spec: ModelSpec, layout: Any, stage: int, *, tp: int, recipe: Any, seed: int):
+    from ..models import stage_chunk
+
+    return stage_chunk(spec, layout, stage, tp=tp, recipe=recipe, seed=seed)
+
+
+LLAVA = ScriptKind(name="pretrain_vlm.py's LLaVA", capture=capture_llava, recipe_of=recipe_of,
+                   check_built=check_built, convert=_convert, image_size=_image_size,
+                   build=_build)
+"""How the drop-in trains pretrain_vlm.py's LLaVAModel."""

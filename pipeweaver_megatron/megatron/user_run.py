@@ -4,7 +4,8 @@ Without --pipeweaver-model-config, with_pipeweaver (providers.py) hands Megatron
 pretrain the script's own dataset provider and:
 
 - model_provider: the chunk of this rank's virtual stage, built from what the script's
-  model_provider passes to LLaVAModel (script_model.capture_llava) and cut by the run's
+  model_provider passes to LLaVAModel or GPTModel (the script's ScriptKind:
+  script_model.LLAVA, script_gpt.GPT) and cut by the run's
   layout (chosen by the wrapped parser, virtual_stages); --freeze-LM / --freeze-ViT as
   the script's freeze() call says;
 - forward_step: the chunk on the (sub-)microbatch the runtime hands it, with the loss
@@ -32,7 +33,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..config import ModelSpec, ModuleKind, spec_document
+from ..config import ModelSpec, spec_document
 from ..ir import Layout
 from ..workload import TokenRules
 from .install import install, uninstall
@@ -40,7 +41,7 @@ from .model_args import FlagError
 from .providers import attach_megatron, embedding_ranks, forward_step, megatron_chunks, stage_of
 from .script_checkpoint import install_loader
 from .script_data import ScriptBatches
-from .script_model import ScriptModel, capture_llava, recipe_of, require_llava
+from .script_model import ScriptKind, ScriptModel, script_kind
 from .virtual_stages import PARSED, layout_id
 
 
@@ -50,9 +51,11 @@ class UserRun:
 
     args: argparse.Namespace
     spec: ModelSpec
+    kind: ScriptKind
+    """The kind of the script's model (LLaVA, GPT)."""
     script: ScriptModel
     recipe: Any
-    """models.llava.LlavaRecipe of the script's LLaVAModel call."""
+    """models.llava.LlavaRecipe or models.gpt.GptRecipe of the script's model call."""
     layout: Layout
     pipeline_rank: int
     tp: int
@@ -77,68 +80,42 @@ class UserRun:
         self.workdir.cleanup()
 
 
-def check_built(args: argparse.Namespace, spec: ModelSpec, recipe: Any) -> None:
-    """The spec the layout was cut with must describe what the script built."""
-    lm = spec.language_model
-    vision = spec.modules_of(ModuleKind.VISION_ENCODER)[0]
-    built = {"LM layers": (lm.num_layers, recipe.language_config.num_layers),
-             "ViT layers": (vision.num_layers, recipe.vision_config.num_layers),
-             "LM hidden size": (lm.hidden_size, recipe.language_config.hidden_size),
-             "LM FFN size": (lm.ffn_hidden_size, recipe.language_config.ffn_hidden_size),
-             "LM sequence": (spec.parallel.microbatch_tokens, args.decoder_seq_length),
-             "data-parallel size": (spec.parallel.dp, args.data_parallel_size)}
-    wrong = [f"{what} {planned} planned, {actual} built" for what, (planned, actual)
-             in built.items() if planned != actual]
-    if wrong:
-        raise FlagError("--pipeweaver: the layout was cut for another model than the "
-                        "script built: " + "; ".join(wrong))
-
-
-def start_user_run(args: argparse.Namespace, script_provider: Callable[..., Any],
+def start_user_run(args: argparse.Namespace, kind: ScriptKind,
+                   script_provider: Callable[..., Any],
                    get_batch: Callable[[Any], Any] | None, **call: Any) -> UserRun:
     """Capture the script's model, check it against the planned spec, start the plan
     feed (planner service on the first rank of each model-parallel group)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from ..models.llava_data import llava_microbatch
-    from ..runtime import PipeWeaverSchedule
-    from .plans import PlanFeed
-    from .trainer import check_replicas_agree, current_topology, local_device
+    from .trainer import current_topology, local_device, open_plans
 
     if get_batch is None:
         raise FlagError("--pipeweaver: the script's forward_step has no get_batch to read "
-                        "its microbatches with (pretrain_vlm.py's has)")
-    script = capture_llava(script_provider, **call)
-    recipe = recipe_of(script)
+                        "its microbatches with (pretrain_vlm.py's and pretrain_gpt.py's have)")
+    script = kind.capture(script_provider, **call)
+    recipe = kind.recipe_of(script)
     spec = PARSED["spec"]
-    check_built(args, spec, recipe)
+    kind.check_built(args, spec, recipe)
     topo = current_topology(local_device())
-    convert = lambda batch, index: llava_microbatch(batch, recipe, index)  # noqa: E731
+    convert = kind.convert(recipe)
     start = getattr(args, "iteration", 0) or 0
-    rule = spec.modules_of(ModuleKind.VISION_ENCODER)[0].image
     train = ScriptBatches(get_batch, convert, spec.parallel.num_microbatches,
-                          (rule.fixed_height, rule.fixed_width), start, args.train_iters - 1)
+                          kind.image_size(spec), start, args.train_iters - 1)
     workdir = tempfile.TemporaryDirectory(prefix="pipeweaver-spec-")
     model_file = os.path.join(workdir.name, "model.yaml")
     with open(model_file, "w") as out:
         yaml.safe_dump(spec_document(spec), out)
-    feed = PlanFeed(args, spec, train.planned(), topo, parallel_state.get_model_parallel_group(),
-                    {}, model_file=model_file)
     try:
-        planned = PARSED.get("layout")
-        if planned is not None and layout_id(planned) != layout_id(feed.layout):
-            raise FlagError("--pipeweaver: the planner service cut another layout than the "
-                            "parser did (the virtual stages follow the parser's)")
-        check_replicas_agree(feed.layout, parallel_state.get_data_parallel_group())
+        feed, schedule = open_plans(args, spec, train.planned(), topo, {}, model_file)
     except Exception:
-        feed.close()
         workdir.cleanup()
         raise
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    schedule = PipeWeaverSchedule(feed.next_plan, spec, TokenRules.from_model(spec), topo.p_rank,
-                                  dist.get_process_group_ranks(pp_group), pp_group)
-    return UserRun(args=args, spec=spec, script=script, recipe=recipe, layout=feed.layout,
+    planned = PARSED.get("layout")
+    if planned is not None and layout_id(planned) != layout_id(feed.layout):
+        feed.close()
+        workdir.cleanup()
+        raise FlagError("--pipeweaver: the planner service cut another layout than the "
+                        "parser did (the virtual stages follow the parser's)")
+    return UserRun(args=args, spec=spec, kind=kind, script=script, recipe=recipe,
+                   layout=feed.layout,
                    pipeline_rank=topo.p_rank, tp=topo.tp, feed=feed, schedule=schedule,
                    train=train, convert=convert, get_batch=get_batch, workdir=workdir)
 
@@ -147,11 +124,8 @@ def build_chunk(run: UserRun, stage_index: int, config: Any = None, pg_collectio
     """The LMMChunk of one stage of the run's layout from the script's recipe, with the
     script's freeze() applied; chunk.config is the LM's TransformerConfig (Megatron's
     train loop sets its hooks there)."""
-    from ..models import stage_chunk
-
-    args = run.args
-    chunk = stage_chunk(run.spec, run.layout, stage_index, tp=run.tp, recipe=run.recipe,
-                        seed=args.seed)
+    chunk = run.kind.build(run.spec, run.layout, stage_index, tp=run.tp, recipe=run.recipe,
+                           seed=run.args.seed)
     for module, frozen in run.script.freeze.items():
         if frozen and hasattr(chunk, module):
             for param in getattr(chunk, module).parameters():
@@ -179,31 +153,29 @@ def run_forward_backward(run: UserRun, **kwargs: Any) -> list:
 
 def _evaluate(run: UserRun, iterator: Any, **kwargs: Any) -> list:
     """One evaluation step: its microbatches read from the valid (or test) iterator and
-    planned by the search like a training iteration's, forward only. The next step's
-    are read and submitted too, so its search runs while this step computes (a step
-    read ahead stays for the next evaluation: the iterator's order is kept)."""
+    planned by the search like a training iteration's, forward only. The next step of
+    the same evaluation (Megatron's evaluate runs --eval-iters steps) is read and
+    submitted too, so its search runs while this step computes. Nothing is read beyond
+    the evaluation: a finite iterator may end there, and under TP the script's get_batch
+    reads on one rank and broadcasts to the others, which would wait for ever."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from ..runtime import PipeWeaverSchedule
 
-    spec, source = run.spec, id(iterator)
+    spec, source, args = run.spec, id(iterator), run.args
     reader = run.evals.get(source)
     if reader is None:
         reader = run.evals[source] = ScriptBatches(
             run.get_batch, run.convert, kwargs["num_microbatches"], run.train.image_size)
     reader.count = kwargs["num_microbatches"]
     step = run.eval_next.get(source, 0)
-    for ahead in (step, step + 1):
-        if ahead < reader.next_read:
-            continue
-        try:
+    last_of_evaluation = (getattr(args, "full_validation", False)
+                          or (step + 1) % max(args.eval_iters, 1) == 0)
+    for ahead in (step,) if last_of_evaluation else (step, step + 1):
+        if ahead >= reader.next_read:
             reader.fill(iterator, ahead)
-        except StopIteration:
-            if ahead == step:
-                raise
-            break  # the data ends here: nothing to read ahead
-        run.eval_keys[source, ahead] = run.feed.submit_eval(next(reader.planned()))
+            run.eval_keys[source, ahead] = run.feed.submit_eval(next(reader.planned()))
     data = reader.take(step)
     plan = run.feed.eval_plan(run.eval_keys.pop((source, step)))
     run.eval_next[source] = step + 1
@@ -223,11 +195,10 @@ def check_user_args(args: argparse.Namespace) -> None:
         (getattr(args, "micro_batch_size", 1) == 1, "--micro-batch-size other than 1 (a "
          "PipeWeaver microbatch is one sequence)"),
         (not getattr(args, "fp8", None), "FP8"),
-        (not getattr(args, "sequence_parallel", False), "--sequence-parallel (the LLaVA "
-         "chunks do not shard the LM's sequence over TP yet)"),
         (not (getattr(args, "save", None) or getattr(args, "load", None))
-         or getattr(args, "ckpt_format", "torch") == "torch", "--ckpt-format other than "
-         "torch with --save / --load (the format pretrain_vlm.py asserts)"),
+         or getattr(args, "ckpt_format", "torch") in ("torch", "torch_dist"),
+         "--ckpt-format other than torch or torch_dist with --save / --load (torch_dist "
+         "goes through the chunks' layout-free sharded_state_dict, models/sharding.py)"),
         (getattr(args, "train_iters", None), "--train-samples (pass --train-iters)"),
     )
     problems = [what for ok, what in checks if not ok]
@@ -252,7 +223,7 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
                   megatron_args: Callable[[], argparse.Namespace]) -> Any:
     """Megatron's pretrain on the script's dataset provider with PipeWeaver's chunks of
     the script's model, forward step and forward_backward (see the module docstring)."""
-    require_llava(script_provider)
+    kind = script_kind(script_provider)
     state: dict[str, UserRun] = {}
 
     def model_provider(pre_process: bool = True, post_process: bool = True,
@@ -261,7 +232,7 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
         args = megatron_args()
         if "run" not in state:
             check_user_args(args)
-            state["run"] = start_user_run(args, script_provider,
+            state["run"] = start_user_run(args, kind, script_provider,
                                           script_step.__globals__.get("get_batch"),
                                           pre_process=pre_process, post_process=post_process,
                                           config=config, pg_collection=pg_collection)
@@ -288,10 +259,12 @@ def user_pretrain(pretrain: Callable[..., Any], datasets: Callable, script_provi
     kwargs["get_embedding_ranks"] = kwargs["get_position_embedding_ranks"] = embedding_ranks
     install(forward_backward)
     restore_loader = install_loader(lambda: state["run"])
+    restore_script = kind.prepare(script_step.__globals__)
     try:
         return pretrain(datasets_provider, model_provider, model_type, step, *rest, **kwargs)
     finally:
         if "run" in state:
             state.pop("run").close()
+        restore_script()
         restore_loader()
         uninstall()

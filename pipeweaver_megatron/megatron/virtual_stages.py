@@ -23,11 +23,11 @@ import os
 import sys
 from typing import Callable
 
-from ..config import ModelSpec, load_model
+from ..config import ModelSpec, ModuleKind, load_model
 from ..ir import Layout
 from ..service import ServiceSettings
 from ..service.planner_service import cut_layout
-from ..workload import sample_workload
+from ..workload import GlobalBatch, Microbatch, SampleMeta, sample_workload
 from .model_args import data_parallel_size, planning_spec
 
 
@@ -67,7 +67,16 @@ def parse_time_parallel(args: argparse.Namespace) -> dict[str, int]:
 def layout_reference(model: ModelSpec, workload: str | None, seed: int):
     """The batch the chunk partitioner takes typical shapes from: replica 0's first, on
     every replica, so all data-parallel replicas cut the same layout (their gradients
-    are reduced parameter by parameter)."""
+    are reduced parameter by parameter). A language model alone (pretrain_gpt.py's
+    GPT) without a workload: every microbatch one sequence of the microbatch's tokens,
+    as its dataset makes them."""
+    if workload is None and len(model.modules) == 1 \
+            and model.modules[0].kind == ModuleKind.LANGUAGE_MODEL:
+        parallel = model.parallel
+        return GlobalBatch(iteration=0, microbatches=tuple(
+            Microbatch(index=j, samples=(SampleMeta(sample_id=j,
+                                                    text_tokens=parallel.microbatch_tokens),))
+            for j in range(parallel.num_microbatches)))
     return sample_workload(model, workload or model.dataset, 1, seed * 1000)[0]
 
 

@@ -25,14 +25,31 @@ tile after tile (s' = LLaVA's img_seq_len), the order _preprocess_data puts into
 sequence, so sub-microbatches of images concatenate in image order; the LM passes
 "hidden" [S', 1, h_lm]. Data: models/llava_data.py.
 
+[Note: LLaVA sequence parallelism] With the language config's sequence_parallel (the
+--sequence-parallel of pretrain_vlm.py, which keeps it off for the ViT and the
+projector), the LM runs as LLaVAModel runs it: the first LM part scatters the combined
+embeddings to the sequence-parallel region right after _preprocess_data (where
+LLaVAModel._process_embedding_token_parallel does; S' must divide by TP, which
+pretrain_vlm.py's get_batch pads the text for), the layers run on [S'/tp, 1, h] (their
+linear layers gather and reduce-scatter the sequence themselves, and the norms' weights
+carry ``sequence_parallel`` so finalize_model_grads all-reduces their gradients), the
+final norm runs on the shard and the output layer gathers the sequence before the
+logits, as GPTModel's does. Between LM parts the message stays the whole [S', 1, h]:
+a part that ends before the LM does gathers its shard (backward: each rank keeps its
+rows of the gradient) and the next part scatters it again, so the plan's message
+shapes, which carry no sequence-parallel flag, are those without it; the gather and
+split move values only, so numerics are LLaVAModel's under SP at any cut.
+
 Inside each part the tensors take exactly the shapes LLaVAModel gives them ([s, n, h]
-for the ViT layers and the projector, [S', 1, h] for the LM), so the layers run the same
-kernels on the same operands. Layers are built with their config's pipeline size set to
-1, so layer_number is the global index + 1 on every pipeline rank.
+for the ViT layers and the projector, [S', 1, h] for the LM, [S'/tp, 1, h] under
+sequence parallelism), so the layers run the same kernels on the same operands. Layers
+are built with their config's pipeline size set to 1, so layer_number is the global
+index + 1 on every pipeline rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -221,6 +238,14 @@ class _Decoder(nn.Module):
                              f"{config.num_layers}")
         self.layers = build_layers(list(specs), config, module, first, last, seed)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """TransformerBlock's sharded_state_dict, layers numbered globally
+        (models/sharding.py)."""
+        from .sharding import container_sharded_state_dict
+
+        return container_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
 
 class LlavaVisionPart(nn.Module):
     """Layers [first, last) of LLaVA's CLIPViTModel (see the module docstring).
@@ -306,7 +331,9 @@ class LlavaProjectorPart(MultimodalProjector):
 
 class LlavaLanguagePart(LanguageModule):
     """Layers [first, last) of LLaVA's GPTModel (see the module docstring). A
-    megatron-core LanguageModule, so its loss is compute_language_model_loss."""
+    megatron-core LanguageModule, so its loss is compute_language_model_loss. Under the
+    config's sequence_parallel the layers run on the TP rank's rows of the sequence
+    (see [Note: LLaVA sequence parallelism])."""
 
     def __init__(self, recipe: LlavaRecipe, first: int, last: int, *, seed: int = 0) -> None:
         config = _one_stage(recipe.language_config)
@@ -345,22 +372,49 @@ class LlavaLanguagePart(LanguageModule):
 
     def forward(self, flow: Flow, data: MicrobatchData) -> PartResult:  # type: ignore[override]
         text = data.text
+        length = text.tokens.numel()
         hidden = self._embed(flow.get("image_embeds"), text) if self.first == 0 else flow["hidden"]
-        if hidden.size(0) != text.tokens.numel():
+        if hidden.size(0) != length:
             raise ValueError(f"LM hidden states hold {hidden.size(0)} tokens, the microbatch "
-                             f"{text.tokens.numel()}")
+                             f"{length}")
+        sequence_parallel = self.config.sequence_parallel
+        if sequence_parallel:
+            hidden = self._scatter(hidden)
         rope = None
         if self.rotary_pos_emb is not None:  # GPTModel: positions 0..S'-1 of the sequence
             if self.rotary_pos_emb.inv_freq.device != hidden.device:
                 self.rotary_pos_emb.inv_freq = self.rotary_pos_emb.inv_freq.to(hidden.device)
-            rope = self.rotary_pos_emb.get_emb(hidden.size(0))
-        hidden = run_layers(self.decoder.layers, hidden, rotary_pos_emb=rope)
+            rope = self.rotary_pos_emb.get_emb(length)
+        with self._layer_rng():
+            hidden = run_layers(self.decoder.layers, hidden, rotary_pos_emb=rope)
         if not self.is_last:
+            if sequence_parallel:  # the whole sequence to the next part (see the Note)
+                hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                    hidden, tensor_parallel_output_grad=False)
             return {"hidden": hidden}, None, 0
         logits, _ = self.output_layer(self.decoder.final_layernorm(hidden))
         losses = self.compute_language_model_loss(text.labels[None], logits)  # [1, S']
         loss = torch.sum(losses.view(-1).float() * text.loss_mask.view(-1).float())
         return {}, loss, text.loss_tokens
+
+    def _scatter(self, hidden: Tensor) -> Tensor:
+        """This TP rank's rows of the whole [S', 1, h] sequence (LLaVAModel's
+        scatter_to_sequence_parallel_region; backward gathers the gradient)."""
+        tp = self.config.tensor_model_parallel_size
+        if hidden.size(0) % tp:
+            raise ValueError(f"sequence parallelism: the LM sequence of {hidden.size(0)} "
+                             f"tokens does not divide by the tensor-parallel size {tp} "
+                             "(pretrain_vlm.py's get_batch pads the text so that it does)")
+        return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+
+    def _layer_rng(self) -> Any:
+        """TransformerBlock's RNG under sequence parallelism (the model-parallel fork, so
+        the shards draw different dropout masks); nothing else draws in the layers, so
+        without dropout the fork is skipped."""
+        config = self.config
+        if config.sequence_parallel and (config.hidden_dropout or config.attention_dropout):
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
 
     def _embed(self, embeds: Tensor | None, text: Any) -> Tensor:
         """LLaVAModel.forward's text embedding, then its _preprocess_data: [S', 1, h]."""

@@ -98,21 +98,44 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     return tokens, position_ids, labels, images, loss_mask
 
 
+def _check_packed(params: Any) -> None:
+    """Under --sequence-parallel (CP 1) pretrain_vlm.py's get_batch pads the text so that
+    the combined sequence divides by TP and passes megatron-core's
+    context_parallel.get_packed_seq_params: one "sbhd" sequence whose cu_seqlens end
+    where the padding starts, for Transformer Engine's padding-causal mask. The padding
+    is the sequence's tail and carries no loss, and under the causal mask no real token
+    attends to it, so the chunks run it as part of the one causal sequence; anything
+    else (packed samples, THD for context parallelism) is refused."""
+    fmt = getattr(params, "qkv_format", None)
+    cu_q, cu_kv = getattr(params, "cu_seqlens_q", None), getattr(params, "cu_seqlens_kv", None)
+    one = (cu_q is not None and cu_q.numel() == 2 and int(cu_q[0]) == 0
+           and cu_kv is not None and cu_q.tolist() == cu_kv.tolist())
+    if fmt != "sbhd" or not one:
+        raise ValueError(f"packed_seq_params of format {fmt!r} with cu_seqlens_q "
+                         f"{None if cu_q is None else cu_q.tolist()}: LLaVA chunks take one "
+                         "sequence (--micro-batch-size 1, no packed sequences or context "
+                         "parallelism)")
+
+
 def llava_microbatch(batch: Any, recipe: LlavaRecipe, index: int = 0) -> MicrobatchData:
     """MicrobatchData of one pretrain_vlm.py microbatch (see [Note: LLaVA microbatch]).
 
     batch: what get_batch returns at --micro-batch-size 1, (tokens, position_ids,
-    labels, images, loss_mask, attention_mask, packed_seq_params) (attention_mask and
-    packed_seq_params must be None: no sequence or context parallelism), or a mapping
-    with those keys ("image" for "images" too, as the dataset names it). index: the
-    microbatch's index within its global batch. Tensors stay where they are."""
+    labels, images, loss_mask, attention_mask, packed_seq_params) (attention_mask
+    None; packed_seq_params None, or under --sequence-parallel the one-sequence
+    descriptor get_batch makes, see _check_packed), or a mapping with those keys
+    ("image" for "images" too, as the dataset names it). index: the microbatch's index
+    within its global batch. Tensors stay where they are."""
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
     tokens, position_ids, labels, images, loss_mask = _unpack(batch)
-    if not isinstance(batch, Mapping) and len(tuple(batch)) > 5 and any(
-            x is not None for x in tuple(batch)[5:]):
-        raise ValueError("the batch has an attention mask or packed_seq_params; LLaVA chunks "
-                         "run without sequence or context parallelism")
+    if not isinstance(batch, Mapping) and len(tuple(batch)) > 5:
+        rest = tuple(batch)[5:]
+        if rest[0] is not None:
+            raise ValueError("the batch has an attention mask; LLaVA chunks take the layer "
+                             "spec's mask type (pretrain_vlm.py passes None)")
+        if len(rest) > 1 and rest[1] is not None:
+            _check_packed(rest[1])
     if tokens.dim() != 2 or tokens.size(0) != 1:
         raise ValueError(f"tokens must be [1, S] (--micro-batch-size 1), got "
                          f"{tuple(tokens.shape)}")

@@ -51,12 +51,13 @@ indices (``vision_model.conv1.weight``,
 so a PP-1 LLaVAModel's state_dict loads by name. The recipe's configs and layer specs
 decide dtype, dropout and Transformer Engine (params_dtype, dropout and use_te are not
 used; seed still seeds every layer's initialisation); data comes from
-models.llava_data.llava_microbatch.
+models.llava_data.llava_microbatch. The language config's sequence_parallel runs the LM
+sequence-parallel ([Note: LLaVA sequence parallelism] in models/llava.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +186,19 @@ class LMMChunk(nn.Module):
         """Megatron's torch-format checkpoint hook (MegatronModule's): the state_dict."""
         return self.state_dict(prefix=prefix, keep_vars=keep_vars)
 
+    checkpoint_key_prefixes: ClassVar[Mapping[str, str]] = {}
+    """Modules whose torch_dist checkpoint keys take another prefix than ``<module>.``
+    (a chunk of a single-model script: {"language_model": ""}, GPTModel's own keys)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """Megatron's torch_dist checkpoint hook: layout-free ShardedTensors named as the
+        whole model's (models/sharding.py; with a recipe, a PP-1 LLaVAModel's)."""
+        from .sharding import chunk_sharded_state_dict
+
+        return chunk_sharded_state_dict(self, prefix, sharded_offsets, metadata,
+                                        self.checkpoint_key_prefixes)
+
     def describe(self) -> str:
         """The parts as text, e.g. ``vision[0:8]+projector[0:1]+lm[0:2]``."""
         return "+".join(f"{p.module}[{p.first_layer}:{p.last_layer}]" for p in self.parts)
@@ -251,9 +265,11 @@ def _check_recipe(model: ModelSpec, recipe: LlavaRecipe, tp: int) -> None:
         if config.tensor_model_parallel_size != tp:
             raise ValueError(f"{module.name!r}: tp={tp} but the recipe's config has "
                              f"tensor_model_parallel_size {config.tensor_model_parallel_size}")
-        if config.sequence_parallel or config.context_parallel_size != 1:
-            raise ValueError(f"{module.name!r}: LLaVA chunks run without sequence or context "
-                             "parallelism")
+        if config.context_parallel_size != 1:
+            raise ValueError(f"{module.name!r}: LLaVA chunks run without context parallelism")
+        if config.sequence_parallel and module.kind != ModuleKind.LANGUAGE_MODEL:
+            raise ValueError(f"{module.name!r}: only the LM runs sequence-parallel "
+                             "(pretrain_vlm.py turns it off for the ViT and the projector)")
 
 
 def _build_part(model: ModelSpec, part: Part, options: dict) -> nn.Module:

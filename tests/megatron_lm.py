@@ -10,6 +10,7 @@ fails with the reason.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,34 @@ def fresh_checkout(dest: Path) -> Path:
 def script_env(**extra: str) -> dict[str, str]:
     """The environment a Megatron-LM script runs in under the tests (warnings quiet)."""
     return {**os.environ, "PYTHONWARNINGS": "ignore", **extra}
+
+
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
+"""Megatron's log line of one training iteration: (iteration, lm loss)."""
+VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
+"""Megatron's validation line during training: (iteration, lm loss)."""
+
+
+def logged(pattern: re.Pattern, log: str) -> dict[int, float]:
+    """{iteration: value} of every line of `log` that `pattern` matches."""
+    return {int(i): float(v) for i, v in pattern.findall(log)}
+
+
+def patched_script(folder: Path, script: str) -> Path:
+    """`script` (pretrain_vlm.py, pretrain_gpt.py) of a fresh Megatron-LM checkout at
+    core_v0.16.1 in folder, with patches/ applied."""
+    checkout = fresh_checkout(folder / "Megatron-LM")
+    done = run("bash", ROOT / "scripts" / "apply_patches.sh", checkout)
+    assert done.returncode == 0, done.stderr
+    return checkout / script
+
+
+def standin(script: Path, flags: list, procs: int, port: int, timeout: int = 600,
+            cwd: Path | None = None) -> str:
+    """Run a Megatron-LM script on `procs` processes through the CPU stand-in (python -m
+    pipeweaver_megatron.cpu_standin); its output, after checking that it succeeded."""
+    done = run(TORCHRUN, "--nproc-per-node", procs, "--master-port", port, "-m",
+               "pipeweaver_megatron.cpu_standin", script, *flags, cwd=cwd or script.parent,
+               env=script_env(), timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr

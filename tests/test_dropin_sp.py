@@ -36,15 +36,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lm import ROOT, TORCHRUN, fresh_checkout, run, script_env
+from megatron_lm import LOSS, VALID, logged, patched_script, run, script_env, standin
 from pipeweaver_megatron.megatron.examples import TINY_LLAVA
 
 LLAVA = [*TINY_LLAVA, "--seq-length", "63", "--eval-interval", "2",
          "--tensor-model-parallel-size", "2"]
 PIPEWEAVER = ["--pipeweaver", "--sequence-parallel", "--pipeline-model-parallel-size", "2",
               "--pipeweaver-hardware", "cpu", "--pipeweaver-search-budget-ms", "100"]
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
-VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
 TEST = re.compile(r"validation loss at iteration (\d+) on test set \| lm loss value: "
                   r"([0-9.E+-]+)")
 SP_ON = "> Disabling Sequence parallelism in Vision Transformer"
@@ -55,24 +53,13 @@ _PORT = iter(range(29770, 29790))
 
 def megatron(script: Path, flags: list[str], procs: int) -> str:
     """Run a Megatron-LM script through the CPU stand-in; its output."""
-    done = run(TORCHRUN, "--nproc-per-node", procs, "--master-port", next(_PORT), "-m",
-               "pipeweaver_megatron.cpu_standin", script, *flags, cwd=script.parent,
-               env=script_env(), timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    return done.stdout + done.stderr
-
-
-def found(pattern: re.Pattern, log: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in pattern.findall(log)}
+    return standin(script, flags, procs, next(_PORT), timeout=300)
 
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory) -> Path:
     """pretrain_vlm.py of a fresh, patched Megatron-LM checkout at core_v0.16.1."""
-    checkout = fresh_checkout(tmp_path_factory.mktemp("megatron") / "Megatron-LM")
-    done = run("bash", ROOT / "scripts" / "apply_patches.sh", checkout)
-    assert done.returncode == 0, done.stderr
-    return checkout / "pretrain_vlm.py"
+    return patched_script(tmp_path_factory.mktemp("megatron"), "pretrain_vlm.py")
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +82,13 @@ def test_sequence_parallel_tp2_pp2_reproduces_megatron_tp2(vlm, start):
     ours = megatron(vlm, [*common, *PIPEWEAVER], procs=4)
     assert SP_ON in ours and SP_ON not in theirs
     assert "--num-virtual-stages-per-pipeline-rank" in ours
-    want, got = found(LOSS, theirs), found(LOSS, ours)
+    want, got = logged(LOSS, theirs), logged(LOSS, ours)
     assert sorted(want) == sorted(got) == [1, 2, 3, 4]
     for i in want:
         assert got[i] == pytest.approx(want[i], rel=1e-5), (i, got, want)
     assert got[4] < got[1]
     for pattern, steps in ((VALID, [2, 4]), (TEST, [4])):
-        want, got = found(pattern, theirs), found(pattern, ours)
+        want, got = logged(pattern, theirs), logged(pattern, ours)
         assert sorted(want) == sorted(got) == steps, (pattern.pattern, want, got)
         for i in want:
             assert got[i] == pytest.approx(want[i], rel=1e-5), (i, got, want)

@@ -17,47 +17,37 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_lm import ROOT, TORCHRUN, fresh_checkout, run, script_env
+from megatron_lm import LOSS, VALID, logged, patched_script, run, standin
 from pipeweaver_megatron.megatron.examples import TINY_LLAVA
 
 LLAVA = [*TINY_LLAVA, "--eval-interval", "2"]
 PIPEWEAVER = ["--pipeweaver", "--pipeline-model-parallel-size", "2", "--pipeweaver-hardware",
               "cpu", "--pipeweaver-search-budget-ms", "100"]
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
-VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
 _PORT = iter(range(29850, 29900))
 
 
 def megatron(script: Path, flags: list[str], procs: int = 1, cwd: Path | None = None) -> str:
-    """Run a Megatron-LM script through the CPU stand-in; its stdout."""
-    done = run(TORCHRUN, "--nproc-per-node", procs, "--master-port", next(_PORT), "-m",
-               "pipeweaver_megatron.cpu_standin", script, *flags, cwd=cwd or script.parent,
-               env=script_env(), timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    return done.stdout + done.stderr
+    """Run a Megatron-LM script through the CPU stand-in; its output."""
+    return standin(script, flags, procs, next(_PORT), cwd=cwd)
 
 
 def losses(log: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in LOSS.findall(log)}
+    return logged(LOSS, log)
 
 
 def validation(log: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in VALID.findall(log)}
+    return logged(VALID, log)
 
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory) -> Path:
     """pretrain_vlm.py of a fresh, patched Megatron-LM checkout at core_v0.16.1."""
-    checkout = fresh_checkout(tmp_path_factory.mktemp("megatron") / "Megatron-LM")
-    done = run("bash", ROOT / "scripts" / "apply_patches.sh", checkout)
-    assert done.returncode == 0, done.stderr
-    return checkout / "pretrain_vlm.py"
+    return patched_script(tmp_path_factory.mktemp("megatron"), "pretrain_vlm.py")
 
 
 @pytest.fixture(scope="module")

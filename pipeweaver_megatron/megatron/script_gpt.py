@@ -20,12 +20,11 @@ under TP, broadcasts) every tensor of every microbatch.
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any, Callable
 
 from ..config import ModelSpec
 from .model_args import FlagError
-from .script_model import ScriptKind, ScriptModel
+from .script_model import ScriptKind, ScriptModel, record_call
 
 _UNSUPPORTED = {
     "share_embeddings_and_output_weights": (
@@ -72,31 +71,12 @@ def builds_gpt(model_provider: Callable[..., Any]) -> bool:
 
 
 def capture_gpt(model_provider: Callable[..., Any], **call: Any) -> ScriptModel:
-    """Run the script's model_provider with its GPTModel replaced by a recorder and
-    return what it was called with. call: the provider's keyword arguments."""
+    """The arguments of the script's GPTModel(...) call (GPTModel is recorded in every
+    module the provider runs in). call: the provider's keyword arguments."""
     spaces = gpt_namespaces(model_provider)
     if not spaces:
         raise FlagError("--pipeweaver: the script's model_provider does not build GPTModel")
-    original = spaces[0]["GPTModel"]
-    signature = inspect.signature(original.__init__)
-    record: dict[str, Any] = {}
-
-    class Recorder:
-        """Stands in for GPTModel while the provider runs; builds nothing."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            record["kwargs"] = {k: v for k, v in bound.arguments.items() if k != "self"}
-
-    saved = [(names, names["GPTModel"]) for names in spaces]
-    for names, _ in saved:
-        names["GPTModel"] = Recorder
-    try:
-        model_provider(**call)
-    finally:
-        for names, value in saved:
-            names["GPTModel"] = value
+    record = record_call(model_provider, spaces, "GPTModel", **call)
     if "kwargs" not in record:
         raise FlagError("--pipeweaver: the script's model_provider returned without building "
                         "megatron-core's GPTModel (--use-legacy-models is not supported)")

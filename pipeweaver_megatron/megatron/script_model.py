@@ -104,17 +104,17 @@ def script_kind(model_provider: Callable[..., Any]) -> ScriptKind:
                     "--pipeweaver-model-config NAME to train a YAML model instead")
 
 
-def capture_llava(model_provider: Callable[..., Any], **call: Any) -> ScriptModel:
-    """Run the script's model_provider with its LLaVAModel replaced by a recorder and
-    return what it was called with. call: the provider's keyword arguments."""
-    require_llava(model_provider)
-    names = _globals(model_provider)
-    original = names["LLaVAModel"]
-    signature = inspect.signature(original.__init__)
+def record_call(model_provider: Callable[..., Any], namespaces: list[dict[str, Any]],
+                name: str, **call: Any) -> dict[str, Any]:
+    """Run the script's model_provider (with keyword arguments `call`) while `name`
+    (LLaVAModel, GPTModel) is bound, in each of `namespaces`, to a recorder that builds
+    nothing; returns {"kwargs": the call's arguments bound to the class's signature,
+    "freeze": freeze()'s flags}, without "kwargs" if the class was never called."""
+    signature = inspect.signature(namespaces[0][name].__init__)
     record: dict[str, Any] = {}
 
     class Recorder:
-        """Stands in for LLaVAModel while the provider runs; builds nothing."""
+        """Stands in for the model class while the provider runs."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             bound = signature.bind(self, *args, **kwargs)
@@ -127,11 +127,21 @@ def capture_llava(model_provider: Callable[..., Any], **call: Any) -> ScriptMode
                                 "vision_model": freeze_vision_model,
                                 "vision_projection": freeze_vision_projection}
 
-    names["LLaVAModel"] = Recorder
+    saved = [(names, names[name]) for names in namespaces]
+    for names, _ in saved:
+        names[name] = Recorder
     try:
         model_provider(**call)
     finally:
-        names["LLaVAModel"] = original
+        for names, value in saved:
+            names[name] = value
+    return record
+
+
+def capture_llava(model_provider: Callable[..., Any], **call: Any) -> ScriptModel:
+    """The arguments of the script's LLaVAModel(...) and freeze(...) calls."""
+    require_llava(model_provider)
+    record = record_call(model_provider, [_globals(model_provider)], "LLaVAModel", **call)
     if "kwargs" not in record:
         raise FlagError("--pipeweaver: the script's model_provider returned without "
                         "building LLaVAModel")

@@ -36,23 +36,18 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.language_model_embedding import (
-    LanguageModelEmbedding,
-)
+from megatron.core import parallel_state
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.spec_utils import ModuleSpec as MegatronModuleSpec
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import ModelSpec, ModuleKind
 from ..ir import Layout, Part
 from .data import ClipData, ImageData, MicrobatchData, TextData, cu_seqlens
-from .language import Flow, PartResult, seeded
-from .llava import _Decoder, _block_norm, _one_stage
+from .language import Flow, PartResult
+from .llava import _block_norm, _one_stage, build_language_stack
 from .lmm import LMMChunk, check_parts
-from .rotary import PortableRotaryEmbedding
 
 __all__ = ["LANGUAGE_MODEL", "GPT_SPLITS", "GptRecipe", "GptTextData", "GptLanguagePart",
            "GptChunk", "gpt_microbatch", "gpt_stage_chunk", "gpt_names", "chunk_names"]
@@ -108,38 +103,8 @@ class GptLanguagePart(LanguageModule):
     megatron-core LanguageModule, so its loss is compute_language_model_loss."""
 
     def __init__(self, recipe: GptRecipe, first: int, last: int, *, seed: int = 0) -> None:
-        config = _one_stage(recipe.language_config)
-        super().__init__(config=config)
-        self.recipe, self.first = recipe, first
-        self.is_last = last == config.num_layers
-        # GPTModel's attributes that LanguageModule's methods read.
-        self.pre_process, self.post_process = first == 0, self.is_last
-        self.share_embeddings_and_output_weights = False
-        if first == 0:
-            with seeded(seed, LANGUAGE_MODEL, "embedding"):
-                self.embedding = LanguageModelEmbedding(
-                    config=config, vocab_size=recipe.vocab_size,
-                    max_sequence_length=recipe.max_sequence_length,
-                    position_embedding_type=recipe.position_embedding_type,
-                    scatter_to_sequence_parallel=False)
-        self.rotary_pos_emb = None
-        if recipe.position_embedding_type == "rope":
-            self.rotary_pos_emb = PortableRotaryEmbedding(
-                kv_channels=config.kv_channels, rotary_percent=recipe.rotary_percent,
-                rotary_interleaved=config.rotary_interleaved, rotary_base=recipe.rotary_base,
-                rope_scaling=recipe.rope_scaling, rope_scaling_factor=recipe.rope_scaling_factor,
-                use_cpu_initialization=True)
-        self.decoder = _Decoder(recipe.layer_spec, config, LANGUAGE_MODEL, first, last, seed)
-        if self.is_last:
-            self.decoder.final_layernorm = build_module(
-                recipe.final_norm_impl, config=config, hidden_size=config.hidden_size,
-                eps=config.layernorm_epsilon)
-            with seeded(seed, LANGUAGE_MODEL, "output_layer"):
-                self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    config.hidden_size, recipe.vocab_size, config=config,
-                    init_method=config.init_method, bias=False, skip_bias_add=False,
-                    gather_output=not recipe.parallel_output)
-        self.setup_embeddings_and_output_layer()  # marks the embedding and output weights
+        super().__init__(config=_one_stage(recipe.language_config))
+        build_language_stack(self, recipe, recipe.layer_spec, first, last, seed)
 
     def forward(self, flow: Flow, data: MicrobatchData) -> PartResult:  # type: ignore[override]
         text = data.text

@@ -329,6 +329,45 @@ class LlavaProjectorPart(MultimodalProjector):
         return {"image_embeds": x.permute(1, 0, 2).reshape(-1, x.size(-1))}, None, 0
 
 
+def build_language_stack(part: LanguageModule, recipe: Any, layer_spec: Any, first: int,
+                         last: int, seed: int) -> None:
+    """GPTModel's modules of LM layers [first, last) on a LanguageModule part (LLaVA's
+    language model, pretrain_gpt.py's GPT): the embedding on the first part, rotary
+    embeddings when the recipe says rope, the layers, and the final norm and output layer
+    on the last, with the attributes LanguageModule's methods read. recipe: a
+    LlavaRecipe or a GptRecipe (the same field names)."""
+    config = part.config
+    part.recipe, part.first = recipe, first
+    part.is_last = last == config.num_layers
+    part.pre_process, part.post_process = first == 0, part.is_last
+    part.share_embeddings_and_output_weights = False
+    if first == 0:
+        with seeded(seed, LANGUAGE_MODEL, "embedding"):
+            part.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=recipe.vocab_size,
+                max_sequence_length=recipe.max_sequence_length,
+                position_embedding_type=recipe.position_embedding_type,
+                scatter_to_sequence_parallel=False)
+    part.rotary_pos_emb = None
+    if recipe.position_embedding_type == "rope":
+        part.rotary_pos_emb = PortableRotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=recipe.rotary_percent,
+            rotary_interleaved=config.rotary_interleaved, rotary_base=recipe.rotary_base,
+            rope_scaling=recipe.rope_scaling, rope_scaling_factor=recipe.rope_scaling_factor,
+            use_cpu_initialization=True)
+    part.decoder = _Decoder(layer_spec, config, LANGUAGE_MODEL, first, last, seed)
+    if part.is_last:
+        part.decoder.final_layernorm = build_module(
+            recipe.final_norm_impl, config=config, hidden_size=config.hidden_size,
+            eps=config.layernorm_epsilon)
+        with seeded(seed, LANGUAGE_MODEL, "output_layer"):
+            part.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, recipe.vocab_size, config=config,
+                init_method=config.init_method, bias=False, skip_bias_add=False,
+                gather_output=not recipe.parallel_output)
+    part.setup_embeddings_and_output_layer()  # marks the embedding and output weights
+
+
 class LlavaLanguagePart(LanguageModule):
     """Layers [first, last) of LLaVA's GPTModel (see the module docstring). A
     megatron-core LanguageModule, so its loss is compute_language_model_loss. Under the
@@ -336,39 +375,8 @@ class LlavaLanguagePart(LanguageModule):
     (see [Note: LLaVA sequence parallelism])."""
 
     def __init__(self, recipe: LlavaRecipe, first: int, last: int, *, seed: int = 0) -> None:
-        config = _one_stage(recipe.language_config)
-        super().__init__(config=config)
-        self.recipe, self.first = recipe, first
-        self.is_last = last == config.num_layers
-        # GPTModel's attributes that LanguageModule's methods read.
-        self.pre_process, self.post_process = first == 0, self.is_last
-        self.share_embeddings_and_output_weights = False
-        if first == 0:
-            with seeded(seed, LANGUAGE_MODEL, "embedding"):
-                self.embedding = LanguageModelEmbedding(
-                    config=config, vocab_size=recipe.vocab_size,
-                    max_sequence_length=recipe.max_sequence_length,
-                    position_embedding_type=recipe.position_embedding_type,
-                    scatter_to_sequence_parallel=False)
-        self.rotary_pos_emb = None
-        if recipe.position_embedding_type == "rope":
-            self.rotary_pos_emb = PortableRotaryEmbedding(
-                kv_channels=config.kv_channels, rotary_percent=recipe.rotary_percent,
-                rotary_interleaved=config.rotary_interleaved, rotary_base=recipe.rotary_base,
-                rope_scaling=recipe.rope_scaling, rope_scaling_factor=recipe.rope_scaling_factor,
-                use_cpu_initialization=True)
-        self.decoder = _Decoder(recipe.language_layer_spec, config, LANGUAGE_MODEL, first, last,
-                                seed)
-        if self.is_last:
-            self.decoder.final_layernorm = build_module(
-                recipe.final_norm_impl, config=config, hidden_size=config.hidden_size,
-                eps=config.layernorm_epsilon)
-            with seeded(seed, LANGUAGE_MODEL, "output_layer"):
-                self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    config.hidden_size, recipe.vocab_size, config=config,
-                    init_method=config.init_method, bias=False, skip_bias_add=False,
-                    gather_output=not recipe.parallel_output)
-        self.setup_embeddings_and_output_layer()  # marks the embedding and output weights
+        super().__init__(config=_one_stage(recipe.language_config))
+        build_language_stack(self, recipe, recipe.language_layer_spec, first, last, seed)
 
     def forward(self, flow: Flow, data: MicrobatchData) -> PartResult:  # type: ignore[override]
         text = data.text

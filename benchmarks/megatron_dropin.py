@@ -8,7 +8,13 @@ time per iteration" (the first iteration left out of the mean), and writes
 docs/results/megatron_dropin.{md,json}. Not a timed test: a 2-core VM moves these times
 a lot, and PP 2 on 2 cores shares them with the planner process.
 
+With --data-path DIR --tokenizer-model DIR (`make data` makes build/data/interleaved and
+build/data/tokenizer) every run reads that Energon dataset instead of the mock data
+(megatron/vlm_data.py), all three the same samples, and the report is
+megatron_dropin_data.{md,json}.
+
 Usage: python benchmarks/megatron_dropin.py [--iterations N] [--out DIR]
+           [--data-path DIR --tokenizer-model DIR [--seq-length N]]
 Megatron-LM's sources: MEGATRON_LM_DIR, else build/megatron-lm (make megatron-lm).
 """
 
@@ -24,12 +30,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeweaver_megatron.megatron.examples import TINY_LLAVA
+from pipeweaver_megatron.megatron.examples import TINY_LLAVA, tiny_llava_on
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "55ac7082517c3878ae653c07c09c534b8aed49f6"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-LLAVA = [*TINY_LLAVA, "--eval-interval", "1000", "--eval-iters", "0"]
+RUN = ["--eval-interval", "1000", "--eval-iters", "0"]
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): "
                   r"([0-9.]+).*?lm loss: ([0-9.E+-]+)")
 
@@ -65,7 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--data-path", type=Path, help="a prepared Energon dataset")
+    parser.add_argument("--tokenizer-model", type=Path, help="its BPE folder")
+    parser.add_argument("--seq-length", type=int, default=192)
     args = parser.parse_args(argv)
+    if bool(args.data_path) != bool(args.tokenizer_model):
+        parser.error("--data-path and --tokenizer-model go together")
+    LLAVA = [*(tiny_llava_on(args.data_path.resolve(), args.tokenizer_model.resolve(),
+                             args.seq_length) if args.data_path else TINY_LLAVA), *RUN]
+    data = (f"the Energon dataset {args.data_path} (its BPE, --seq-length {args.seq_length})"
+            if args.data_path else "the mock data")
+    name = "megatron_dropin_data" if args.data_path else "megatron_dropin"
     with tempfile.TemporaryDirectory(prefix="dropin-") as tmp:
         work = Path(tmp)
         vlm = script(work)
@@ -88,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     mean_o = statistics.mean(r[4] for r in rows[1:])
     mean_s = statistics.mean(static[i][0] for i in sorted(static)[1:])
     lines = ["# Megatron-LM pretrain_vlm.py: --pipeweaver (PP 2) beside Megatron (PP 1), CPU",
-             "", f"`python benchmarks/megatron_dropin.py --iterations {args.iterations}`; tiny "
-             "LLaVA (ViT 2 x 64, LM 4 x 64, 32 px tiles), 4 microbatches per iteration, one "
-             "starting checkpoint, dropout off, through the CPU stand-in.", "",
+             "", f"`python benchmarks/megatron_dropin.py {' '.join(argv or sys.argv[1:])}`; "
+             "tiny LLaVA (ViT 2 x 64, LM 4 x 64, 32 px tiles), 4 microbatches per iteration, "
+             f"on {data}, one starting checkpoint, dropout off, through the CPU stand-in.", "",
              "| iteration | Megatron PP 1 lm loss | --pipeweaver PP 2 lm loss | Megatron ms | "
              "--pipeweaver ms |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {t:.6E} | {o:.6E} | {tm:.1f} | {om:.1f} |" for i, t, o, tm, om in rows]
@@ -103,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "megatron_dropin.md").write_text(text)
-    (args.out / "megatron_dropin.json").write_text(json.dumps(
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps(
         {"rows": rows, "max_rel_loss_diff": worst, "mean_ms_megatron_pp1": mean_t,
          "mean_ms_pipeweaver_pp2": mean_o, "mean_ms_megatron_pp2": mean_s}, indent=1))
     return 0

@@ -2,8 +2,8 @@
 data-parallel rank, with the state to resume at the first sample not yet trained.
 
 [Note: real-data loader] Every process reads its data-parallel replica's samples through
-its own EnergonReader (rank = DP rank, world = DP size), so the TP and PP ranks of one
-replica read the same samples without communication. Samples are tokenized, checked
+its own SampleSource (data/samples.py: an EnergonReader of rank = DP rank, world = DP
+size), so the TP and PP ranks of one replica read the same samples without communication. Samples are tokenized, checked
 against the model's microbatch limits, and packed in Energon's order by the same
 BatchStream the synthetic workload uses (global batches of the spec's microbatches;
 the sample that closes a full batch opens the next one). The planner reads batches
@@ -30,23 +30,8 @@ from typing import Any, Iterator
 from ..workload import BatchStream, GlobalBatch, TokenRules, WorkloadError
 from .errors import DataError
 from .reader import EnergonReader
+from .samples import LoaderState, SampleSource
 from .tokenizer import TextTokenizer
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LoaderState:
-    """Where a loader resumes (saved in checkpoints, one per data-parallel rank)."""
-
-    energon: Any
-    """Energon's savable-loader state before the first sample to read."""
-    next_sample_id: int
-    """The sample_id that sample gets (ids count the kept samples from the run's start)."""
-    skipped: tuple[str, ...]
-    """Keys of the bad samples skipped before it (each once, whichever epoch met it)."""
-    rank: int
-    """The data-parallel rank it belongs to."""
-    world: int
-    """The data-parallel size it was saved under."""
 
 
 @dataclass(kw_only=True)
@@ -71,10 +56,6 @@ class LoadedBatch:
                 for s in mb.samples]
 
 
-_UNLIMITED = 1 << 62
-"""The reader's own skip limit: BatchLoader counts bad samples itself, by key."""
-
-
 class BatchLoader:
     """Global batches of one data-parallel replica (see [Note: real-data loader])."""
 
@@ -82,28 +63,14 @@ class BatchLoader:
                  num_microbatches: int, dp_rank: int = 0, dp_size: int = 1,
                  split: str = "train", skip_bad_samples: int = 0, seed: int = 0,
                  state: LoaderState | None = None, first_iteration: int = 0) -> None:
-        if state is not None and (state.rank, state.world) != (dp_rank, dp_size):
-            raise DataError(str(path), f"the saved loader state is data-parallel rank "
-                                       f"{state.rank} of {state.world}, this run is rank "
-                                       f"{dp_rank} of {dp_size}: resume with the same DP size")
         self.tokenizer = tokenizer
         self.rules = rules
-        self.rank, self.world = dp_rank, dp_size
-        self.limit = skip_bad_samples
-        self._bad: dict[str, None] = dict.fromkeys(state.skipped if state is not None else ())
-        if len(self._bad) > skip_bad_samples:
-            raise DataError("--pipeweaver-skip-bad-samples",
-                            f"the resumed run had skipped {len(self._bad)} bad samples, more "
-                            f"than {skip_bad_samples}")
-        self.reader = EnergonReader(path, split=split, rank=dp_rank, world_size=dp_size,
-                                    repeat=True, seed=seed,
-                                    skip_bad_samples=_UNLIMITED)  # counted here, by key
-        if state is not None:
-            self.reader.restore_state(state.energon)
-        self._next_id = state.next_sample_id if state is not None else 0
+        self.source = SampleSource(path, tokenizer=tokenizer, check=rules.check,
+                                   dp_rank=dp_rank, dp_size=dp_size, split=split,
+                                   skip_bad_samples=skip_bad_samples, seed=seed, state=state)
+        self.reader = self.source.reader
         self._held: dict[int, Any] = {}
         self._before: dict[int, LoaderState] = {}
-        self._new_skips: list[str] = []
         self._ready: dict[int, LoadedBatch] = {}
         self._stream = BatchStream(self._samples(), rules, num_microbatches, first_iteration)
         self._read_to = first_iteration - 1
@@ -111,48 +78,14 @@ class BatchLoader:
     @property
     def skipped(self) -> int:
         """Bad samples skipped since the run's start (restarts included), each once."""
-        return len(self._bad)
-
-    def _state(self) -> LoaderState:
-        return LoaderState(energon=self.reader.save_state(), next_sample_id=self._next_id,
-                           skipped=tuple(self._bad), rank=self.rank, world=self.world)
+        return self.source.skipped
 
     def _samples(self) -> Iterator:
-        from ..models.real_data import tokenize_sample
-
-        samples = iter(self.reader)
-        seen = len(self.reader.skipped)
-        while True:
-            before = self._state()
-            try:
-                sample = next(samples)
-            except StopIteration:
-                return
-            for bad in self.reader.skipped[seen:]:
-                self._skip(bad.key, bad.shard, f"Energon cannot load it: {bad.reason}")
-            seen = len(self.reader.skipped)
-            tokenized = tokenize_sample(sample.key, sample.shard, sample.sequence,
-                                        self.tokenizer, self._next_id)
-            try:
-                self.rules.check(tokenized.meta)
-            except WorkloadError as exc:
-                self._skip(sample.key, sample.shard,
-                           str(exc).replace(f"sample {self._next_id} ", "it ", 1))
-                continue
-            self._held[self._next_id] = tokenized
-            self._before[self._next_id] = before
-            self._next_id += 1
+        for tokenized, before in self.source:
+            sample_id = tokenized.meta.sample_id
+            self._held[sample_id] = tokenized
+            self._before[sample_id] = before
             yield tokenized.meta
-
-    def _skip(self, key: str, shard: str, reason: str) -> None:
-        """Skip a bad sample, or raise DataError naming it once the limit is reached (a
-        sample met again in a later epoch was counted already)."""
-        if key not in self._bad and len(self._bad) >= self.limit:
-            more = (f"{len(self._bad)} bad samples skipped before, the limit is {self.limit}"
-                    if self.limit else "--pipeweaver-skip-bad-samples N skips up to N")
-            raise DataError(str(self.reader.path / shard), f"{reason} ({more})", key)
-        self._bad[key] = None
-        self._new_skips.append(key)
 
     def _read_next(self) -> None:
         began = time.perf_counter()
@@ -165,7 +98,7 @@ class BatchLoader:
         samples = {i: self._held.pop(i) for i in ids}
         for i in ids:
             self._before.pop(i, None)
-        skips, self._new_skips = tuple(self._new_skips), []
+        skips = self.source.take_skips()
         self._ready[batch.iteration] = LoadedBatch(
             batch=batch, samples=samples, state=state, skipped=skips,
             read_seconds=time.perf_counter() - began)
@@ -200,7 +133,7 @@ class BatchLoader:
                                f"{self._read_to}")
         if self._held:  # the sample that closed the batch: the next one's first
             return self._before[min(self._held)]
-        return self._state()
+        return self.source.state()
 
 
 def prepared_source(path: str | Path, rules: TokenRules, split: str = "train",

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="write predicted timelines (Perfetto JSON) here")
     group.add_argument("--pipeweaver-log", metavar="FILE.jsonl",
                        help="per-iteration JSON lines (loss, times, plan latency, fallback)")
+    group.add_argument("--pipeweaver-skip-bad-samples", type=int, default=0, metavar="N",
+                       help="with --data-path: skip at most N bad samples (an image that does "
+                            "not decode, a sample over a microbatch limit), each logged")
     group.add_argument("--pipeweaver-inject-fault", type=fault_spec, action="append", default=[],
                        metavar="KIND@ITER", help=f"tests only: {', '.join(FAULTS)} at an iteration")
     return parser
@@ -67,6 +70,12 @@ def chain_args(other: Callable[[argparse.ArgumentParser], argparse.ArgumentParse
 
         if other is not None:
             parser = other(parser) or parser
-        return wrap_parser(add_arguments(parser))
+        parser = add_arguments(parser)
+        if "--dataloader-save" not in parser._option_string_actions:
+            parser.add_argument("--dataloader-save", metavar="DIR",
+                                help="where the Energon loader state of --data-path is saved "
+                                     "with every checkpoint and restored on --load (Megatron's "
+                                     "examples/multimodal flag; default: --save)")
+        return wrap_parser(parser)
 
     return provider

@@ -12,6 +12,10 @@ TINY_GPT: pretrain_gpt.py's flags for a GPT of 4 layers x 64 on sequences of 64 
 (4 microbatches per iteration), its mock data, the same CPU settings and dropout off, and
 --untie-embeddings-and-output-weights (the GPT chunks do not tie the output layer to the
 embedding). tests/test_gpt_dropin.py runs it.
+
+tiny_llava_on(dataset, tokenizer): TINY_LLAVA on a prepared Energon dataset (--data-path,
+megatron/vlm_data.py) with its BPE read by Megatron's HuggingFaceTokenizer, instead of
+the mock data and NullTokenizer; --seq-length leaves room for the dataset's documents.
 """
 
 TINY_LLAVA: tuple[str, ...] = (
@@ -31,3 +35,15 @@ TINY_GPT: tuple[str, ...] = (
     "--untie-embeddings-and-output-weights", "--ckpt-format", "torch", "--log-interval", "1",
     "--mock-data", "--num-workers", "0", "--seed", "1234", "--calculate-per-token-loss",
     "--hidden-dropout", "0", "--attention-dropout", "0")
+
+
+def tiny_llava_on(dataset: str, tokenizer: str, seq_length: int = 192) -> tuple[str, ...]:
+    """TINY_LLAVA reading `dataset` (a `pipeweaver data prepare` folder) tokenized by the
+    BPE folder `tokenizer` (`pipeweaver data demo` makes both), LM text of seq_length."""
+    flags = list(TINY_LLAVA)
+    for flag in ("--tokenizer-type", "--vocab-size", "--seq-length"):
+        i = flags.index(flag)
+        del flags[i:i + 2]
+    flags.remove("--mock-data")
+    return (*flags, "--seq-length", str(seq_length), "--tokenizer-type", "HuggingFaceTokenizer",
+            "--tokenizer-model", str(tokenizer), "--data-path", str(dataset))

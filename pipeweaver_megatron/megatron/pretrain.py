@@ -49,9 +49,6 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-model", metavar="DIR",
                         help="tokenizer folder (tokenizer.json, e.g. `pipeweaver data demo`'s "
                              "BPE) for --data-path (default: byte-level, no file)")
-    parser.add_argument("--pipeweaver-skip-bad-samples", type=int, default=0, metavar="N",
-                        help="with --data-path: skip at most N bad samples (an image that does "
-                             "not decode, a sample over a microbatch limit), each logged")
     parser.add_argument("--save", help="checkpoint directory")
     parser.add_argument("--save-interval", type=int, default=0)
     parser.add_argument("--load", help="resume from this checkpoint directory")

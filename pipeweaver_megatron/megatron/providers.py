@@ -85,6 +85,16 @@ def configured(argv: Sequence[str] | None = None) -> bool:
                for a in given)
 
 
+def reads_energon(model_provider: Callable[..., Any], argv: Sequence[str] | None = None) -> bool:
+    """pretrain_vlm.py (its model_provider binds LLaVAModel) with --data-path: the
+    prepared Energon dataset replaces the script's mock data (vlm_data.py), with or
+    without --pipeweaver. pretrain_gpt.py's --data-path stays Megatron's own."""
+    given = sys.argv[1:] if argv is None else argv
+    wanted = any(a == "--data-path" or a.startswith("--data-path=") for a in given)
+    names = getattr(getattr(model_provider, "func", model_provider), "__globals__", {})
+    return wanted and "LLaVAModel" in names
+
+
 def with_pipeweaver(pretrain: Callable[..., Any]) -> Callable[..., Any]:
     """Megatron's pretrain with the --pipeweaver flags and, under --pipeweaver, this
     module's providers, forward step and forward_backward (see the module docstring).
@@ -98,13 +108,21 @@ def with_pipeweaver(pretrain: Callable[..., Any]) -> Callable[..., Any]:
             raise TypeError("with_pipeweaver: pass pretrain's arguments after "
                             "process_non_loss_data_func by keyword")
         kwargs["extra_args_provider"] = chain_args(kwargs.get("extra_args_provider"))
+        if not configured():
+            if not reads_energon(model):
+                return _user_script(pretrain, datasets, model, model_type, step, rest, kwargs)
+            from .vlm_data import install_state_saver, vlm_datasets_provider
+
+            kwargs["args_defaults"] = {**kwargs.get("args_defaults", {}),
+                                       "dataloader_type": "external"}
+            restore = install_state_saver()
+            try:
+                return _user_script(pretrain, vlm_datasets_provider(megatron_args), model,
+                                    model_type, step, rest, kwargs)
+            finally:
+                restore()
         if not requested():
             return pretrain(datasets, model, model_type, step, *rest, **kwargs)
-        if not configured():
-            from .user_run import user_pretrain
-
-            return user_pretrain(pretrain, datasets, model, model_type, step, rest, kwargs,
-                                 lambda: megatron_args())
         kwargs["args_defaults"] = {**kwargs.get("args_defaults", {}), "dataloader_type": "external"}
         kwargs["get_embedding_ranks"] = kwargs["get_position_embedding_ranks"] = embedding_ranks
         install(forward_backward)
@@ -116,6 +134,18 @@ def with_pipeweaver(pretrain: Callable[..., Any]) -> Callable[..., Any]:
             uninstall()
 
     return run
+
+
+def _user_script(pretrain: Callable[..., Any], datasets: Callable, model: Callable,
+                 model_type: Any, step: Callable, rest: tuple, kwargs: dict) -> Any:
+    """The script's own model and data: Megatron's pretrain as the script calls it, or
+    under --pipeweaver the drop-in (user_run.py)."""
+    if not requested():
+        return pretrain(datasets, model, model_type, step, *rest, **kwargs)
+    from .user_run import user_pretrain
+
+    return user_pretrain(pretrain, datasets, model, model_type, step, rest, kwargs,
+                         lambda: megatron_args())
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -38,17 +38,24 @@ class ScriptBatches:
         self.get_batch, self.convert = get_batch, convert
         self.count, self.image_size = num_microbatches, image_size
         self.next_read, self.last = start, last
-        self._data: deque[tuple[int, list]] = deque()
+        self._data: deque[tuple[int, list, list]] = deque()
+        self.taken_keys: list[str | None] = []
+        """The sample keys of the iteration take() returned last, where the iterator
+        names them (vlm_data.VlmSamples.last_key; None each for the mock dataset)."""
         self._meta: deque[GlobalBatch] = deque()
 
     def fill(self, data_iterator: Any, upto: int) -> None:
         """Read iterations up to `upto` (capped at the last one) from Megatron's iterator."""
         if self.last is not None:
             upto = min(upto, self.last)
+        source = getattr(data_iterator, "iterable", data_iterator)  # under RerunDataIterator
         while self.next_read <= upto:
             iteration = self.next_read
-            data = [self.convert(self.get_batch(data_iterator), j) for j in range(self.count)]
-            self._data.append((iteration, data))
+            data, keys = [], []
+            for j in range(self.count):
+                data.append(self.convert(self.get_batch(data_iterator), j))
+                keys.append(getattr(source, "last_key", None))
+            self._data.append((iteration, data, keys))
             self._meta.append(self.metadata(iteration, data))
             self.next_read += 1
 
@@ -77,7 +84,8 @@ class ScriptBatches:
     def take(self, iteration: int) -> list:
         """The MicrobatchData of `iteration` (read before by fill)."""
         if not self._data or self._data[0][0] != iteration:
-            held = [i for i, _ in self._data]
+            held = [item[0] for item in self._data]
             raise RuntimeError(f"the data read ahead holds iterations {held}, training asks "
                                f"for {iteration}")
-        return self._data.popleft()[1]
+        _, data, self.taken_keys = self._data.popleft()
+        return data

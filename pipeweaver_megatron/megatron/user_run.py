@@ -143,12 +143,41 @@ def run_forward_backward(run: UserRun, **kwargs: Any) -> list:
     if kwargs.get("forward_only"):
         return _evaluate(run, iterator, **kwargs)
     feed = run.feed
+    source = getattr(iterator, "iterable", iterator)  # under Megatron's RerunDataIterator
     if not run.started:
+        if hasattr(source, "track_training"):  # --data-path: it saves the untrained samples
+            source.track_training()
         feed.start(run.train.next_read)
         run.started = True
-    run.train.fill(iterator, feed.iteration + run.args.pipeweaver_lookahead)
-    data = run.train.take(feed.iteration)
+    iteration = feed.iteration
+    run.train.fill(iterator, iteration + run.args.pipeweaver_lookahead)
+    data = run.train.take(iteration)
+    if hasattr(source, "trained"):
+        source.trained(len(data))
+    if run.args.pipeweaver_log:
+        # Megatron's count of iterations done (the feed counts from this process's start)
+        _log_keys(run.args.pipeweaver_log, getattr(run.args, "curr_iteration", iteration),
+                  run.train.taken_keys)
     return run.schedule(**{**kwargs, "data_iterator": iter(data)})
+
+
+def _log_keys(path: str, iteration: int, keys: list) -> None:
+    """--pipeweaver-log: one JSON line per iteration (0-based: Megatron logs it as
+    iteration + 1) with every data-parallel replica's sample keys, in microbatch order,
+    gathered over the data-parallel group and written by rank 0."""
+    import json
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, keys, group=group)
+    if dist.get_rank() == 0:
+        with open(path, "a") as out:
+            out.write(json.dumps({"iteration": iteration, "sample_keys": keys,
+                                  "sample_keys_by_dp_rank": every,
+                                  "dp_rank": parallel_state.get_data_parallel_rank()}) + "\n")
 
 
 def _evaluate(run: UserRun, iterator: Any, **kwargs: Any) -> list:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,12 @@ def summary(records: list[dict], warmup: int) -> dict:
     predicted = sum(r["predicted_time_s"] for r in steady) / len(steady)
     later = records[1:] or records  # the first plan is made while the service starts
     ready = sum(r["plan_wait_ms"] < 1.0 for r in later) / len(later)
-    return {"measured": measured, "predicted": predicted, "ready": ready,
-            "fallbacks": records[-1]["fallbacks"], "loss": records[-1]["loss"]}
+    out = {"measured": measured, "predicted": predicted, "ready": ready,
+           "fallbacks": records[-1]["fallbacks"], "loss": records[-1]["loss"]}
+    if "data_read_s" in records[0]:  # --data-path: the loader's work per iteration
+        out["read"] = statistics.median(r["data_read_s"] for r in records)
+        out["prepare"] = statistics.median(r["data_prepare_s"] for r in records)
+    return out
 
 
 def print_data_stats(args: argparse.Namespace) -> None:
@@ -106,6 +111,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{theirs['measured'] / ours['measured']:.2f}x (SEMU predicted "
           f"{theirs['predicted'] / ours['predicted']:.2f}x); mean of iterations after "
           "the first two; *after the first iteration")
+    if "read" in ours:
+        print(f"loader (PipeWeaver run, median per iteration): {ours['read'] * 1e3:.1f} ms to "
+              f"read, decode, tokenize and pack a batch --pipeweaver-lookahead iterations "
+              f"ahead, {ours['prepare'] * 1e3:.1f} ms to make its tensors")
     return 0
 
 

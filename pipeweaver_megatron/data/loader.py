@@ -3,8 +3,9 @@ data-parallel rank, with the state to resume at the first sample not yet trained
 
 [Note: real-data loader] Every process reads its data-parallel replica's samples through
 its own SampleSource (data/samples.py: an EnergonReader of rank = DP rank, world = DP
-size), so the TP and PP ranks of one replica read the same samples without communication. Samples are tokenized, checked
-against the model's microbatch limits, and packed in Energon's order by the same
+size), so the TP and PP ranks of one replica read the same samples without
+communication. Samples are tokenized, checked against the model's microbatch limits
+(SampleSource skips or names the bad ones), and packed in Energon's order by the same
 BatchStream the synthetic workload uses (global batches of the spec's microbatches;
 the sample that closes a full batch opens the next one). The planner reads batches
 ahead (`batch(i)` reads up to i; the plan feed asks for i + lookahead) and training

@@ -80,19 +80,21 @@ def requested(argv: Sequence[str] | None = None) -> bool:
 def configured(argv: Sequence[str] | None = None) -> bool:
     """--pipeweaver-model-config is on the command line: the YAML model and its synthetic
     workload train (the paper setups); without it the script's own model and data do."""
+    return _given("--pipeweaver-model-config", argv)
+
+
+def _given(flag: str, argv: Sequence[str] | None = None) -> bool:
+    """`flag` is on the command line (as itself or as flag=value)."""
     given = sys.argv[1:] if argv is None else argv
-    return any(a == "--pipeweaver-model-config" or a.startswith("--pipeweaver-model-config=")
-               for a in given)
+    return any(a == flag or a.startswith(flag + "=") for a in given)
 
 
 def reads_energon(model_provider: Callable[..., Any], argv: Sequence[str] | None = None) -> bool:
     """pretrain_vlm.py (its model_provider binds LLaVAModel) with --data-path: the
     prepared Energon dataset replaces the script's mock data (vlm_data.py), with or
     without --pipeweaver. pretrain_gpt.py's --data-path stays Megatron's own."""
-    given = sys.argv[1:] if argv is None else argv
-    wanted = any(a == "--data-path" or a.startswith("--data-path=") for a in given)
     names = getattr(getattr(model_provider, "func", model_provider), "__globals__", {})
-    return wanted and "LLaVAModel" in names
+    return _given("--data-path", argv) and "LLaVAModel" in names
 
 
 def with_pipeweaver(pretrain: Callable[..., Any]) -> Callable[..., Any]:

@@ -232,14 +232,21 @@ def _data_source(args, model: ModelSpec, topo: Topology, extras: dict, start: in
 def _data_record(step: StepData, source: DataSource, topo: Topology) -> dict:
     """The log's data fields: this replica's sample keys (and, gathered over the
     data-parallel group, every replica's), skips and loader times."""
+    return {"sample_keys": step.keys, "sample_keys_by_dp_rank": replica_keys(step.keys),
+            "dp_rank": topo.d_rank,
+            "skipped_samples": source.skipped, "skipped_keys": list(step.skipped),
+            "data_read_s": step.read_seconds, "data_prepare_s": step.prepare_seconds}
+
+
+def replica_keys(keys: list) -> list:
+    """Every data-parallel replica's sample keys of this iteration, by DP rank (gathered
+    over this rank's data-parallel group)."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_data_parallel_group()
     every: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, step.keys, group=group)
-    return {"sample_keys": step.keys, "sample_keys_by_dp_rank": every, "dp_rank": topo.d_rank,
-            "skipped_samples": source.skipped, "skipped_keys": list(step.skipped),
-            "data_read_s": step.read_seconds, "data_prepare_s": step.prepare_seconds}
+    dist.all_gather_object(every, keys, group=group)
+    return every
 
 
 def check_replicas_agree(layout, dp_group) -> None:

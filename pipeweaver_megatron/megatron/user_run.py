@@ -170,9 +170,9 @@ def _log_keys(path: str, iteration: int, keys: list) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    group = parallel_state.get_data_parallel_group()
-    every: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, keys, group=group)
+    from .trainer import replica_keys
+
+    every = replica_keys(keys)
     if dist.get_rank() == 0:
         with open(path, "a") as out:
             out.write(json.dumps({"iteration": iteration, "sample_keys": keys,

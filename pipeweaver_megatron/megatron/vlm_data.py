@@ -14,9 +14,9 @@ LLaVAModel expands to the tile's img_seq_len embeddings), then the tokenizer's E
 tokens are the sequence but its last item and labels the sequence from its second item
 (the mock dataset's shift; LLaVAModel finds the images in both); the loss mask is 0 at
 an image and where the label is an image, 1 elsewhere (LLaVAModel masks the same
-positions of the combined sequence). Each image is resized to one img_h x img_w tile (PIL, bicubic on 8-bit
-pixels, as LLaVAModel takes one tile per image when get_batch passes no tile counts)
-and normalised with CLIP's mean and std. The tokenizer is Megatron's (--tokenizer-type
+positions of the combined sequence). Each image is resized to one img_h x img_w tile
+(PIL, bicubic on 8-bit pixels, as LLaVAModel takes one tile per image when get_batch
+passes no tile counts) and normalised with CLIP's mean and std. The tokenizer is Megatron's (--tokenizer-type
 HuggingFaceTokenizer --tokenizer-model DIR reads `pipeweaver data demo`'s BPE); under
 NullTokenizer, which cannot read text, the byte-level tokenizer (ids 0..259, EOD
 <eos>). A sample without images (get_batch's broadcast cannot carry an empty image
@@ -44,12 +44,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..data.errors import DataError
 from ..data.samples import LoaderState, SampleSource
-from ..data.tokenizer import EOS, SPECIAL_TOKENS, ByteTokenizer
+from ..data.tokenizer import EOS, ByteTokenizer
 from ..workload import SampleMeta, WorkloadError
 from .model_args import FlagError
 
@@ -114,7 +113,7 @@ def script_tokenizer(args) -> tuple[Any, int]:
             raise FlagError(f"--data-path with --tokenizer-type NullTokenizer reads text as "
                             f"bytes (ids up to {text.vocab_size - 1}): --vocab-size {vocab} is "
                             f"too small")
-        return text, 256 + SPECIAL_TOKENS.index(EOS)
+        return text, text.encode(EOS)[0]
     from megatron.training import get_tokenizer
 
     tokenizer = get_tokenizer()
@@ -124,13 +123,9 @@ def script_tokenizer(args) -> tuple[Any, int]:
 def clip_tile(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[3, height, width] float32: a CHW image in [0, 1] resized (PIL, bicubic, 8-bit) and
     normalised with CLIP's mean and std."""
-    from PIL import Image
+    from ..models.real_data import resize_pixels
 
-    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    array = pixels.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
-    resized = np.asarray(picture.resize((width, height), Image.BICUBIC), dtype=np.float32)
-    tile = torch.from_numpy(resized / 255.0).permute(2, 0, 1)
+    tile = torch.from_numpy(resize_pixels(image, height, width)).permute(2, 0, 1)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return ((tile - mean) / std).contiguous()
 

@@ -67,19 +67,24 @@ def tokenize_sample(key: str, shard: str, sequence: Sequence[str | Tensor], toke
                                            images=tuple(images)))
 
 
-def resize_image(image: Tensor, rule: ImageRule) -> np.ndarray:
-    """[H, W, channels] float32 pixels in [0, 1] of a CHW image in [0, 1], resized to the
-    rule's patch grid (see [Note: real images])."""
+def resize_pixels(image: Tensor, height: int, width: int, channels: int = 3) -> np.ndarray:
+    """[height, width, channels] float32 pixels in [0, 1] of a CHW image in [0, 1]: its
+    8-bit pixels resized by PIL (bicubic), as RGB or, for one channel, L."""
     from PIL import Image
 
-    rows, cols = rule.grid(int(image.shape[-2]), int(image.shape[-1]))
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     array = pixels.permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    picture = picture.convert("RGB" if rule.channels == 3 else "L")
-    resized = picture.resize((cols * rule.patch_size, rows * rule.patch_size), Image.BICUBIC)
-    out = np.asarray(resized, dtype=np.float32) / 255.0
+    picture = picture.convert("RGB" if channels == 3 else "L")
+    out = np.asarray(picture.resize((width, height), Image.BICUBIC), dtype=np.float32) / 255.0
     return out[..., None] if out.ndim == 2 else out
+
+
+def resize_image(image: Tensor, rule: ImageRule) -> np.ndarray:
+    """[H, W, channels] float32 pixels in [0, 1] of a CHW image in [0, 1], resized to the
+    rule's patch grid (see [Note: real images])."""
+    rows, cols = rule.grid(int(image.shape[-2]), int(image.shape[-1]))
+    return resize_pixels(image, rows * rule.patch_size, cols * rule.patch_size, rule.channels)
 
 
 def patchify(pixels: np.ndarray, rule: ImageRule) -> Tensor:

@@ -14,7 +14,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     try:
         result = verify(args.model, args.schedule, args.pp, args.tp, args.batches, args.seed,
-                        args.workload, args.tolerance, args.timeout)
+                        args.workload, args.tolerance, args.timeout,
+                        transport=args.transport)
     except (RuntimeError, TimeoutError) as exc:  # a rank failed: its error names rank and op
         print(f"pipeweaver verify: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -26,7 +27,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           "plans": result.plans, "elapsed_s": result.elapsed_s}))
     else:
         print(f"{args.model}, {args.schedule}, PP={args.pp} TP={args.tp}, {len(result.losses)} "
-              f"batches on {args.pp * args.tp} local processes (gloo) against one process")
+              f"batches on {args.pp * args.tp} local processes (gloo, transport "
+              f"{args.transport}) against one process")
         for i, (got, want) in enumerate(zip(result.losses, result.reference_losses)):
             print(f"  batch {i} (plan {result.plans[i]}): loss sum {got:.6f}, reference {want:.6f}")
         print(f"  largest loss difference      {result.max_loss_diff:.2e} (relative)")
@@ -50,5 +52,8 @@ def add_parser(sub) -> None:
     verify.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
     verify.add_argument("--tolerance", type=float, default=1e-4)
     verify.add_argument("--timeout", type=float, default=120.0, help="seconds a rank may wait")
+    verify.add_argument("--transport", choices=("tags", "nccl-order"), default="tags",
+                        help="tags: one gloo group, a tag per kind; nccl-order: what runs on "
+                             "NCCL (a communicator per channel, one tag, no batching)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_verify)

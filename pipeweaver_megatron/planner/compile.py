@@ -42,15 +42,15 @@ execution runs. The runtime frees (or pseudo-frees) the sent tensors after WaitS
 
 [Note: batching] All Sends after compute t-1 and all PostRecvs placed before compute t
 are adjacent (no compute between) and form one Batch: the runtime issues them with one
-batch_isend_irecv call (one NCCL group), sends first, then receives, as listed. Waits
+batch_isend_irecv call on gloo, sends first, then receives, as listed. Waits
 never enter a Batch. The plan's semantics are MPI-like (what check_plan runs): each op of
 a Batch completes on its own. gloo gives that. NCCL does not where one stream carries
-several channels: a coalesced group completes as a whole and a later P2P kernel queues
-behind an unmatched earlier one, so a lazily matched op can block a wait for another
-channel. On NCCL the runtime must keep that independence (e.g. one communicator per
-channel, i.e. per kind and direction, with unbatched isend/irecv, where each stream then
-holds one channel whose ops pair in the same order on both sides); treat Batch as a
-launch hint there.
+several channels or a group holds several operations of one channel: a group completes
+as a whole and a later P2P kernel queues behind an unmatched earlier one, so a lazily
+matched op can block a wait for another. On NCCL the runtime therefore gives every
+channel its own communicator and issues every op alone (runtime/p2p.py [Note: NCCL
+channels]); a Batch is a launch hint for gloo. check_plan replays that too
+(nccl_order.py).
 
 check_plan(plan, table) re-derives the messages from the table, checks each rank's ops
 statically (computes in table order, inputs waited before use, sends after their
@@ -58,7 +58,9 @@ compute, peers, channel order, every post waited) and then runs all ranks togeth
 MPI-like semantics: posts never block; on a channel (src, dst, kind) the n-th send pairs
 with the n-th receive and both must describe the same message and tensors; WaitRecv
 blocks until the paired send is posted, WaitSend until the paired receive is posted.
-Any violation raises PlanCheckError naming the rank, the op index and the op.
+Any violation raises PlanCheckError naming the rank, the op index and the op. Then it
+replays the plan under NCCL's rules as the runtime issues it there (one communicator per
+channel, every operation alone; see nccl_order.py).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from ..ir import Action, Op, ScheduleTable, dependencies, matching_subs, validat
 from ..semu import SimResult
 from .execplan import (SCHEMA_VERSION, Batch, Compute, ExecutionPlan, Kind, Message, PlanOp,
                        PostRecv, RankPlan, Send, TensorLike, WaitRecv, WaitSend, flat_ops)
+from .nccl_order import check_nccl_order
 
 ShapesOf = Callable[[int, int, int, int], tuple[TensorLike, ...]]
 """shapes_of(src stage, dst stage, microbatch, src sub): the tensors stage src sends
@@ -299,8 +302,11 @@ def _context(plan: RankPlan, index: int, window: int = 4) -> str:
 
 
 def check_plan(plan: ExecutionPlan, table: ScheduleTable) -> None:
-    """Raise PlanCheckError where the plan cannot run the table (see module docstring)."""
+    """Raise PlanCheckError where the plan cannot run the table (see module docstring),
+    under MPI semantics and under NCCL's order as the runtime issues it there
+    (nccl_order.py)."""
     _Checker(plan, table).run()
+    check_nccl_order(plan, table)
 
 
 class _Checker:

@@ -31,6 +31,33 @@ from ..planner.messages import stage_inputs
 from .p2p import Transport
 
 
+class OpClock:
+    """Op start and end times: perf_counter on the host; on CUDA, events recorded on the
+    current stream and read once per iteration (kernels run asynchronously, so host time
+    around an op measures its launch, not its run)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.base = time.perf_counter()
+        self.first = self.mark() if self.cuda else None
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def resolve(self, marks: list) -> list[tuple[int, str, float, float]]:
+        """(op index, op, start, end) in perf_counter seconds (on CUDA: from the first
+        event, which was recorded at self.base)."""
+        if not self.cuda or not marks:
+            return marks
+        marks[-1][3].synchronize()
+        at = lambda event: self.base + self.first.elapsed_time(event) / 1000.0  # noqa: E731
+        return [(index, op, at(start), at(end)) for index, op, start, end in marks]
+
+
 class ExecutionError(RuntimeError):
     """A rank could not execute an op of its plan."""
 
@@ -96,17 +123,20 @@ class RankExecutor:
 
     def run(self) -> None:
         ops = self.plan.execution.ranks[self.rank].ops
+        clock = OpClock(self.transport.device)
+        marks = []
         for index, op in enumerate(ops):
             try:
-                began = time.perf_counter()
+                began = clock.mark()
                 self._run(op)
-                self.timeline.append((index, str(op), began, time.perf_counter()))
+                marks.append((index, str(op), began, clock.mark()))
             except ExecutionError:
                 raise
             except Exception as exc:
                 raise ExecutionError(f"rank {self.rank}, op {index} ({op}): "
                                      f"{type(exc).__name__}: {exc}") from exc
         self.transport.drain()
+        self.timeline = clock.resolve(marks)
 
     def _run(self, op) -> None:
         if self.forward_only:

@@ -36,7 +36,7 @@ from ..planner.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSen
 from ..planner.iteration import IterationPlan
 from ..models.data import select
 from .executor import ExecutionError, RankExecutor
-from .p2p import Transport
+from .p2p import TRANSPORTS, Channels, Transport, Watchdog
 
 KNOWN_OPS = (Compute, PostRecv, Send, WaitRecv, WaitSend, Batch)
 
@@ -46,10 +46,17 @@ class PipeWeaverSchedule:
 
     def __init__(self, plan_source: Callable[[], IterationPlan], model_spec, rules,
                  pipeline_rank: int, global_ranks: Sequence[int], group=None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, transport: str = "auto") -> None:
+        if transport not in ("auto",) + TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; known: auto, "
+                             + ", ".join(TRANSPORTS))
         self.plan_source, self.model_spec, self.rules = plan_source, model_spec, rules
         self.rank, self.global_ranks, self.group = pipeline_rank, list(global_ranks), group
         self.timeout_s = timeout_s
+        self.transport = transport
+        """auto: nccl-order on an NCCL group, tags otherwise (see runtime/p2p.py)."""
+        self._channels: tuple | None = None  # (layout, Channels)
+        self._watchdog: Watchdog | None = None
         self.last_plan: IterationPlan | None = None
         self.last_timeline: list = []
         """The last call's measured ops (see RankExecutor.timeline)."""
@@ -72,7 +79,7 @@ class PipeWeaverSchedule:
         device = next(chunks[0].parameters()).device
         steps = _Steps(self, plan, dict(zip(stages, chunks)), data, config, forward_step_func,
                        num_microbatches, forward_only, collect_non_loss_data)
-        transport = Transport(self.group, self.global_ranks, device, self.timeout_s)
+        transport = self._transport(plan, device)
         executor = RankExecutor(plan, self.rank, steps, transport, self.model_spec, self.rules,
                                 forward_only=forward_only)
         with steps.sync_control():
@@ -91,6 +98,25 @@ class PipeWeaverSchedule:
                                              force_all_reduce=force_all_reduce)
         return steps.reports
 
+
+    def _transport(self, plan: IterationPlan, device: torch.device) -> Transport:
+        mode = self.transport
+        nccl = dist.get_backend(self.group) == "nccl"
+        if mode == "auto":
+            mode = "nccl-order" if nccl else "tags"
+        if mode == "tags" and nccl:
+            raise ExecutionError("transport 'tags' cannot run on NCCL (it ignores tags); "
+                                 "use nccl-order")
+        channels = None
+        if mode == "nccl-order":
+            layout = plan.table.layout
+            if self._channels is None or self._channels[0] != layout:
+                self._channels = (layout, Channels.create(layout, self.global_ranks))
+            channels = self._channels[1]
+        if device.type == "cuda" and self._watchdog is None:
+            self._watchdog = Watchdog(dist.get_rank(), self.timeout_s)
+        return Transport(self.group, self.global_ranks, device, self.timeout_s, channels,
+                         self.rank, self._watchdog)
 
     def _check_agreement(self, plan: IterationPlan) -> None:
         """Every rank of the pipeline group must run the same plan (content hash)."""

@@ -130,7 +130,7 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int, seed: int,
                reference_path: str, out_path: str, timeout_s: float, fault: str | None,
-               forward_only: bool = False) -> None:
+               forward_only: bool = False, transport: str = "tags") -> None:
     from datetime import timedelta
 
     from ..models import teardown
@@ -143,7 +143,7 @@ def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int,
                             timeout=timedelta(seconds=2 * timeout_s + 30))
     try:
         _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
-                  forward_only)
+                  forward_only, transport)
     except BaseException as exc:
         torch.save({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f"{out_path}.{rank}")
         os._exit(1)  # skip teardown: peers may still hold posted operations with this rank
@@ -151,7 +151,7 @@ def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int,
 
 
 def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
-              forward_only=False):
+              forward_only=False, transport="tags"):
     from megatron.core import parallel_state
 
     from ..models import init_parallel, stage_chunk
@@ -184,7 +184,8 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
             grad_sync_func=None, param_sync_func=None, finalize_model_grads_func=None)
     index = iter(range(len(plans)))
     schedule = PipeWeaverSchedule(lambda: plans[next(index)], model, rules, p_rank,
-                                  dist.get_process_group_ranks(group), group, timeout_s)
+                                  dist.get_process_group_ranks(group), group, timeout_s,
+                                  transport)
     worst_grad, worst_loss, losses, names, with_grad = 0.0, 0.0, [], set(), 0
     for b, plan in enumerate(plans):
         for chunk in chunks:
@@ -225,9 +226,11 @@ def _silence_sends() -> None:
 def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | list = 2,
            seed: int = 0, dataset: str | None = None, tolerance: float = 1e-4,
            timeout_s: float = 120.0, sub_size: dict[str, int] | None = None,
-           fault: str | None = None, forward_only: bool = False) -> VerifyResult:
+           fault: str | None = None, forward_only: bool = False,
+           transport: str = "tags") -> VerifyResult:
     """Run the comparison (see the module docstring); batches: a count to sample, or
-    GlobalBatches. Raises RuntimeError (with the failing rank's error) when a rank fails."""
+    GlobalBatches; transport: runtime/p2p.py's mode (nccl-order: NCCL's rules on gloo).
+    Raises RuntimeError (with the failing rank's error) when a rank fails."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if fault is not None and fault not in FAULTS:
@@ -242,7 +245,7 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
         world = pp * tp
         context = mp.start_processes(_rank_main, args=(world, _free_port(), model, plans, tp, pp,
                                                         seed, ref_path, out_path, timeout_s, fault,
-                                                        forward_only),
+                                                        forward_only, transport),
                                      nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s * 2 + 60
         try:

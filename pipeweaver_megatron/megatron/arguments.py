@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="schedule of an iteration whose plan is late or invalid")
     group.add_argument("--pipeweaver-schedule", choices=RUNNABLE, default=PIPEWEAVER,
                        help="pipeweaver, or a Megatron order through the same runtime")
+    group.add_argument("--pipeweaver-transport", choices=("auto", "tags", "nccl-order"),
+                       default="auto", help="P2P transport: auto is nccl-order on NCCL (a "
+                       "communicator per channel, one tag, no batching) and tags on gloo; "
+                       "nccl-order on gloo runs NCCL's matching rules on the CPU")
     group.add_argument("--pipeweaver-trace-dir", metavar="DIR",
                        help="write predicted timelines (Perfetto JSON) here")
     group.add_argument("--pipeweaver-log", metavar="FILE.jsonl",

@@ -52,6 +52,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--save", help="checkpoint directory")
     parser.add_argument("--save-interval", type=int, default=0)
     parser.add_argument("--load", help="resume from this checkpoint directory")
+    parser.add_argument("--pipeweaver-save-grads", metavar="DIR",
+                        help="debugging: after each iteration's reduction and clipping, write "
+                             "every rank's gradients by parameter name to "
+                             "DIR/iter_NNNNNNN_rank_RRRR.pt (to compare runs or layouts)")
     pipeweaver_megatron.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.pipeweaver:

@@ -135,7 +135,8 @@ def open_plans(args, model: ModelSpec, batches, topo: Topology, parallel: dict |
         raise
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     schedule = PipeWeaverSchedule(feed.next_plan, model, TokenRules.from_model(model),
-                                  topo.p_rank, dist.get_process_group_ranks(pp_group), pp_group)
+                                  topo.p_rank, dist.get_process_group_ranks(pp_group), pp_group,
+                                  transport=getattr(args, "pipeweaver_transport", "auto"))
     return feed, schedule
 
 
@@ -195,6 +196,8 @@ def train(args) -> list[dict]:
                                model=training.model, num_microbatches=len(batch.microbatches))
             loss, tokens = _loss(reports, pp_group, topo.device)
             training.reduce(tokens, parallel_state.get_data_parallel_group(), args.clip_grad)
+            if getattr(args, "pipeweaver_save_grads", None):
+                save_gradients(args.pipeweaver_save_grads, iteration, topo.rank, chunks)
             training.step()
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
@@ -218,6 +221,19 @@ def train(args) -> list[dict]:
         if feed is not None:  # the planner service's processes, also after an error
             feed.close()
         teardown()
+
+
+def save_gradients(directory: str, iteration: int, rank: int, chunks: list) -> None:
+    """--pipeweaver-save-grads: this rank's reduced gradients by parameter name (fp32
+    main_grad on the megatron-core path, before its optimizer clips)."""
+    os.makedirs(directory, exist_ok=True)
+    grads = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            grads[name] = None if grad is None else grad.detach().float().cpu().clone()
+    torch.save(grads, os.path.join(directory, f"iter_{iteration:07d}_rank_{rank:04d}.pt"))
 
 
 def _data_source(args, model: ModelSpec, topo: Topology, extras: dict, start: int):

@@ -211,7 +211,7 @@ def _evaluate(run: UserRun, iterator: Any, **kwargs: Any) -> list:
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     schedule = PipeWeaverSchedule(lambda: plan, spec, TokenRules.from_model(spec),
                                   run.pipeline_rank, dist.get_process_group_ranks(pp_group),
-                                  pp_group)
+                                  pp_group, transport=getattr(args, "pipeweaver_transport", "auto"))
     return schedule(**{**kwargs, "data_iterator": iter(data)})
 
 

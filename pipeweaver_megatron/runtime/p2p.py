@@ -59,6 +59,10 @@ def layout_channels(layout) -> list[Channel]:
     return sorted(found, key=lambda c: (c[0], c[1], c[2].name))
 
 
+_MADE: dict = {}
+"""Channels.create's groups by (layout, pipeline ranks, world group)."""
+
+
 @dataclass
 class Channels:
     """One process group per channel, for this rank's pipeline."""
@@ -67,8 +71,16 @@ class Channels:
 
     @staticmethod
     def create(layout, pipeline_ranks: Sequence[int]) -> "Channels":
-        """Collective over the world: every rank calls it once, with its own pipeline's
-        global ranks; groups are made for every pipeline in one order on all ranks."""
+        """Collective over the world: every rank calls it, with its own pipeline's global
+        ranks; groups are made for every pipeline in one order on all ranks, once per
+        (layout, pipeline) in a process (later calls return the same groups)."""
+        key = (layout, tuple(pipeline_ranks), id(dist.group.WORLD))
+        if key not in _MADE:
+            _MADE[key] = Channels._create(layout, pipeline_ranks)
+        return _MADE[key]
+
+    @staticmethod
+    def _create(layout, pipeline_ranks: Sequence[int]) -> "Channels":
         pipelines: list = [None] * dist.get_world_size()
         dist.all_gather_object(pipelines, tuple(pipeline_ranks))
         channels = layout_channels(layout)

@@ -55,7 +55,6 @@ class PipeWeaverSchedule:
         self.timeout_s = timeout_s
         self.transport = transport
         """auto: nccl-order on an NCCL group, tags otherwise (see runtime/p2p.py)."""
-        self._channels: tuple | None = None  # (layout, Channels)
         self._watchdog: Watchdog | None = None
         self.last_plan: IterationPlan | None = None
         self.last_timeline: list = []
@@ -109,10 +108,7 @@ class PipeWeaverSchedule:
                                  "use nccl-order")
         channels = None
         if mode == "nccl-order":
-            layout = plan.table.layout
-            if self._channels is None or self._channels[0] != layout:
-                self._channels = (layout, Channels.create(layout, self.global_ranks))
-            channels = self._channels[1]
+            channels = Channels.create(plan.table.layout, self.global_ranks)
         if device.type == "cuda" and self._watchdog is None:
             self._watchdog = Watchdog(dist.get_rank(), self.timeout_s)
         return Transport(self.group, self.global_ranks, device, self.timeout_s, channels,

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-quick clean megatron-lm data
+.PHONY: venv demo test test-fast bench bench-quick clean megatron-lm data
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ demo: venv data
 test: venv megatron-lm
 	$(PY) -m pytest -q tests
 	$(MAKE) bench-quick
+
+# The planning side alone (IR, SEMU, planner, workload; no torch processes): seconds.
+test-fast: venv
+	$(PY) -m pytest -q -m fast tests
 
 # The evaluation (benchmarks/run_all.py): every table and plot of docs/results, simulated
 # by SEMU and measured on this CPU. bench-quick is a smoke run (minutes) into build/.

@@ -52,3 +52,22 @@ def megatron_single_process():
     init_single_process(seed=1234)
     yield
     teardown()
+
+
+FAST = {"test_compile", "test_nccl_order", "test_config", "test_ir", "test_memopt",
+        "test_planner", "test_schedules", "test_search", "test_semu", "test_workload",
+        "test_comparison_baselines", "test_runtime_fit"}
+"""The planning side's tests (no torch, no processes): `make test-fast`, `pytest -m fast`."""
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "fast: the planning side alone (IR, SEMU, planner, "
+                                       "workload), seconds; make test-fast")
+    config.addinivalue_line("markers", "integration: torch, megatron-core, real processes "
+                                       "(gloo, torchrun, Megatron-LM pretrain), minutes")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.fast if module in FAST else pytest.mark.integration)

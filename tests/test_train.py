@@ -84,3 +84,30 @@ def test_data_parallel_global_batch_and_gradient_clipping(tmp_path):
     # iteration 1 trains on another batch: compare the change each run made to the model
     # through the loss on that batch, which only the unclipped update moves
     assert abs(free[1]["loss"] - clipped[1]["loss"]) > 1e-3
+
+
+def test_a_run_killed_between_shard_writes_resumes_from_the_previous_complete_checkpoint(
+        tmp_path):
+    """The last rank dies in the checkpoint after iteration 4, once rank 0's file is on
+    disk: `latest` still names iteration 2, and the resumed run trains iterations 2 and 3
+    with the uninterrupted run's losses (model, optimizer and every RNG restored)."""
+    flags = ("--pipeline-model-parallel-size", "2", "--lr", "3e-3")
+    whole = train(tmp_path, "whole", 2, *flags, "--train-iters", "4", port=29710)
+    ckpt = tmp_path / "ckpt"
+    log = tmp_path / "killed.jsonl"
+    done = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29711",
+                           str(ROOT / "scripts" / "pretrain_lmm.py"), "--pipeweaver",
+                           "--pipeweaver-model-config", "tiny-vlm", "--pipeweaver-log", str(log),
+                           "--pipeweaver-search-budget-ms", "100", *flags, "--train-iters", "4",
+                           "--save", str(ckpt), "--save-interval", "2",
+                           "--pipeweaver-inject-fault", "crash-mid-save@4"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "injected fault: rank 1 dies in the checkpoint of iteration 4" in done.stderr
+    assert (ckpt / "iter_0000004" / "rank_00000.pt").exists()
+    assert not (ckpt / "iter_0000004" / "rank_00001.pt").exists()
+    assert (ckpt / "latest").read_text().strip() == "2"
+    resumed = train(tmp_path, "resumed", 2, *flags, "--train-iters", "4", "--load", str(ckpt),
+                    port=29712)
+    assert [r["iteration"] for r in resumed] == [2, 3]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole[2:]], rel=1e-5)

@@ -13,7 +13,9 @@ from typing import Callable
 
 from ..planner.systems import PIPEWEAVER, RUNNABLE
 
-FAULTS = ("planner-crash", "planner-hang", "bad-plan")
+FAULTS = ("planner-crash", "planner-hang", "bad-plan", "crash-mid-save")
+"""The planner's faults (service/settings.py), and crash-mid-save: in the checkpoint
+after that iteration, a rank other than 0 dies once rank 0's file is written."""
 
 
 def fault_spec(text: str) -> tuple[str, int]:

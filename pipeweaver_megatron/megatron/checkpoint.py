@@ -1,6 +1,13 @@
 """Checkpoints of the training loop: one file per rank with its chunks (parameters named
 by (module, layer), so they map to any layout), the optimizer state, the iteration, and
-the RNG states; a resumed run continues with the next batch.
+the RNG states (Python, numpy, torch CPU, and CUDA with Megatron's tensor-parallel RNG
+tracker where present); a resumed run continues with the next batch.
+
+[Note: complete checkpoints] Each rank writes its file through a temporary name; then
+every rank meets in a barrier, and only then does rank 0 replace ``latest`` (again
+through a temporary file and an atomic rename). So ``latest`` never names an iteration
+whose files are not all on disk: a run killed between two ranks' writes resumes from
+the previous complete checkpoint.
 
 [Note: checkpoint metadata] Format 2 adds ``meta`` to each rank's file, so a file says
 what it holds without the run's arguments: ``format``, ``model`` (the spec's name),
@@ -68,8 +75,36 @@ def write_rank_file(path: str, state: dict) -> None:
 
 
 def write_latest(root: str, iteration: int) -> None:
-    with open(os.path.join(root, "latest"), "w") as f:
+    """root/latest = iteration, atomically (a reader sees the old or the new value)."""
+    path = os.path.join(root, "latest")
+    with open(path + ".tmp", "w") as f:
         f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def rng_state() -> dict:
+    """Every generator a training step draws from."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+        from megatron.core import tensor_parallel
+
+        state["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
 
 
 def read_latest(root: str) -> int:
@@ -82,20 +117,28 @@ def read_latest(root: str) -> int:
 
 
 def save_checkpoint(root: str, rank: int, iteration: int, chunks, optimizer,
-                    extras: dict | None = None) -> str:
-    """Write this rank's state after `iteration` iterations; returns the file. extras:
-    more picklable state of this rank (e.g. its data loader's, under "data")."""
+                    extras: dict | None = None, before_write=None) -> str:
+    """Write this rank's state after `iteration` iterations, then (all ranks) mark the
+    checkpoint complete ([Note: complete checkpoints]); returns the file. extras: more
+    picklable state of this rank (e.g. its data loader's, under "data"); before_write:
+    called first (fault injection in tests)."""
     path = rank_path(root, iteration, rank)
+    if before_write is not None:
+        before_write()
     write_rank_file(path, {
         "extras": dict(extras or {}),
         "iteration": iteration,
         "chunks": [{local_name(k): v for k, v in c.state_dict().items()
                     if isinstance(v, torch.Tensor)} for c in chunks],
         "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate()},
+        "rng": rng_state(),
         "meta": _meta(chunks)})
-    write_latest(root, iteration)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        write_latest(root, iteration)
+    if dist.is_initialized():
+        dist.barrier()  # nobody goes on (or exits) before latest is there
     return path
 
 
@@ -104,6 +147,10 @@ def load_checkpoint(root: str, rank: int, chunks, optimizer, extras: dict | None
     extras: filled with the file's extras (see save_checkpoint)."""
     iteration = read_latest(root)
     path = rank_path(root, iteration, rank)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing, though {root}/latest names iteration "
+                                f"{iteration} (a checkpoint of another world size, or files "
+                                "removed)")
     state = torch.load(path, weights_only=False)
     meta = state.get("meta")
     if meta is not None and meta["parts"] != chunk_parts(chunks):
@@ -114,9 +161,7 @@ def load_checkpoint(root: str, rank: int, chunks, optimizer, extras: dict | None
     for chunk, saved in zip(chunks, state["chunks"], strict=True):
         _load_chunk(path, chunk, saved)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    set_rng_state(state["rng"])
     if extras is not None:
         extras.update(state.get("extras", {}))
     return iteration

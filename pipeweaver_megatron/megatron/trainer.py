@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..config import ModelSpec, load_model
 from ..workload import TokenRules
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, rank_path, save_checkpoint
 from .data_source import DATA_KEY, DataSource, StepData, saved_state
 from .optim import build_training
 from .plans import PlanFeed, replica_batches
@@ -215,12 +215,31 @@ def train(args) -> list[dict]:
                               (args.save_interval and (iteration + 1) % args.save_interval == 0)):
                 data_state = {} if source is None else {DATA_KEY: source.state_after(iteration)}
                 save_checkpoint(args.save, topo.rank, iteration + 1, chunks, training.optimizer,
-                                data_state)
+                                data_state, _save_fault(args, iteration + 1, topo.rank))
         return records
     finally:
         if feed is not None:  # the planner service's processes, also after an error
             feed.close()
         teardown()
+
+
+def _save_fault(args, iteration: int, rank: int):
+    """--pipeweaver-inject-fault crash-mid-save@ITER: the last rank dies in the checkpoint
+    after ITER iterations before writing its file, once rank 0's is on disk (a kill
+    between shard writes)."""
+    if ("crash-mid-save", iteration) not in getattr(args, "pipeweaver_inject_fault", []) \
+            or rank != dist.get_world_size() - 1 or rank == 0:
+        return None
+
+    def crash() -> None:
+        first = rank_path(args.save, iteration, 0)
+        while not os.path.exists(first):
+            time.sleep(0.05)
+        log.error("injected fault: rank %d dies in the checkpoint of iteration %d", rank,
+                  iteration)
+        os._exit(1)
+
+    return crash
 
 
 def save_gradients(directory: str, iteration: int, rank: int, chunks: list) -> None:

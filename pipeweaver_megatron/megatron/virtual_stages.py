@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..config import ModelSpec, ModuleKind, load_model
 from ..ir import Layout
+from ..service import FAULTS as SERVICE_FAULTS
 from ..service import ServiceSettings
 from ..service.planner_service import cut_layout
 from ..workload import GlobalBatch, Microbatch, SampleMeta, sample_workload
@@ -104,7 +105,8 @@ def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[
         workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
         fallback=args.pipeweaver_fallback,
         reference=layout_reference(model, getattr(args, "workload", None), args.seed),
-        seed=args.seed, faults={i: kind for kind, i in args.pipeweaver_inject_fault})
+        seed=args.seed, faults={i: kind for kind, i in args.pipeweaver_inject_fault
+                                if kind in SERVICE_FAULTS})
 
 
 def run_spec(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, int]]:

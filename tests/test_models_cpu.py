@@ -113,6 +113,44 @@ def test_packed_attention_matches_reference_per_sample(tiny, module, mask_type, 
         start += n
 
 
+@pytest.mark.parametrize("module,mask_type", [("lm", AttnMaskType.causal),
+                                             ("vision", AttnMaskType.no_mask)])
+def test_padded_packed_samples_match_per_sample_and_padding_rows_are_zero(tiny, module, mask_type,
+                                                                         monkeypatch):
+    """cu_seqlens_*_padded place samples of 5 and 7 tokens at rows 0 and 8 of 16: each
+    sample attends only itself, the padding rows come out zero, and cu_seqlens is read
+    from the device once for every layer that sees these params (none when built by
+    packed_params from host lengths)."""
+    from pipeweaver_megatron.models import attention as attention_module
+    from pipeweaver_megatron.models.language import packed_params
+
+    spec = tiny.module(module)
+    core = attention(spec, mask_type)
+    heads, groups, d = spec.num_attention_heads, spec.query_groups, spec.head_dim
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    padded = torch.tensor([0, 8, 16], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
+                             max_seqlen_q=8, max_seqlen_kv=8)
+    q, k, v = torch.randn(16, heads, d), torch.randn(16, groups, d), torch.randn(16, groups, d)
+    reads = []
+    read = attention_module._device_segments
+    monkeypatch.setattr(attention_module, "_device_segments",
+                        lambda p: reads.append(1) or read(p))
+    out = core(q, k, v, None, packed_seq_params=params)
+    again = core(q, k, v, None, packed_seq_params=params)  # a later layer, same params
+    assert len(reads) == 1 and torch.equal(out, again)
+    core(q[:12], k[:12], v[:12], None, packed_seq_params=packed_params(cu, (5, 7)))
+    assert len(reads) == 1
+    for start, n in ((0, 5), (8, 7)):
+        rows = slice(start, start + n)
+        as_bhsd = [x[rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+        allowed = tril(n) if mask_type == AttnMaskType.causal else None
+        want = reference(*as_bhsd, allowed)[0].transpose(0, 1).reshape(n, -1)
+        torch.testing.assert_close(out[rows], want, atol=ATOL, rtol=0)
+    assert out[5:8].abs().max() == 0 and out[15].abs().max() == 0
+
+
 def test_grouped_query_attention_differs_from_mha_reading(tiny):
     """GQA groups query heads 2g, 2g+1 onto key/value group g (megatron's layout)."""
     spec = tiny.module("lm")

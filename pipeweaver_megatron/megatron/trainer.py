@@ -251,7 +251,7 @@ def save_gradients(directory: str, iteration: int, rank: int, chunks: list) -> N
         for name, param in chunk.named_parameters():
             grad = getattr(param, "main_grad", None)
             grad = param.grad if grad is None else grad
-            grads[name] = None if grad is None else grad.detach().float().cpu().clone()
+            grads[name] = None if grad is None else grad.detach().float().clone()
     torch.save(grads, os.path.join(directory, f"iter_{iteration:07d}_rank_{rank:04d}.pt"))
 
 

@@ -50,10 +50,25 @@ def seeded(seed: int, module: str, what: str) -> Iterator[None]:
 
 
 def packed_params(cu_seqlens: Tensor, lengths: tuple[int, ...]) -> PackedSeqParams:
-    """PackedSeqParams ('thd') for samples with these cumulative boundaries."""
+    """PackedSeqParams ('thd') for samples with these cumulative boundaries, carrying the
+    host lengths too, so core attention never reads cu_seqlens back from the device
+    (models/attention.py packed_segments)."""
     longest = max(lengths, default=0)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    return with_host_lengths(params, lengths)
+
+
+def with_host_lengths(params: PackedSeqParams, lengths: tuple[int, ...]) -> PackedSeqParams:
+    """Attach the unpadded sample lengths, known on the host, to params."""
+    from .attention import HOST_SEGMENTS
+
+    start, segments = 0, []
+    for n in lengths:
+        segments.append((start, n, start, n))
+        start += n
+    setattr(params, HOST_SEGMENTS, (segments, start, start))
+    return params
 
 
 def axial_rope(positions: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:

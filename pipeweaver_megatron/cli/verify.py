@@ -8,6 +8,9 @@ import sys
 
 from ..planner.systems import RUNNABLE
 
+MEMORY_STRATEGIES = ("planned", "none", "recompute", "offload", "mixed")
+"""runtime.verify.MEMORY_STRATEGIES (repeated: the parser must not import torch)."""
+
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..runtime.verify import verify  # torch and megatron load only for this command
@@ -15,7 +18,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         result = verify(args.model, args.schedule, args.pp, args.tp, args.batches, args.seed,
                         args.workload, args.tolerance, args.timeout,
-                        transport=args.transport)
+                        transport=args.transport, memory_strategy=args.memory_strategy)
     except (RuntimeError, TimeoutError) as exc:  # a rank failed: its error names rank and op
         print(f"pipeweaver verify: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -24,7 +27,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           "max_grad_diff": result.max_grad_diff, "parameters": result.parameters,
                           "reference_parameters": result.reference_parameters,
                           "losses": result.losses, "reference_losses": result.reference_losses,
-                          "plans": result.plans, "elapsed_s": result.elapsed_s}))
+                          "plans": result.plans, "elapsed_s": result.elapsed_s,
+                          "grad_digests": result.grad_digests,
+                          "forwards_with_memory_strategy": result.memory}))
     else:
         print(f"{args.model}, {args.schedule}, PP={args.pp} TP={args.tp}, {len(result.losses)} "
               f"batches on {args.pp * args.tp} local processes (gloo, transport "
@@ -55,5 +60,9 @@ def add_parser(sub) -> None:
     verify.add_argument("--transport", choices=("tags", "nccl-order"), default="tags",
                         help="tags: one gloo group, a tag per kind; nccl-order: what runs on "
                              "NCCL (a communicator per channel, one tag, no batching)")
+    verify.add_argument("--memory-strategy", choices=MEMORY_STRATEGIES, default="planned",
+                        help="planned: the planner's recompute/offload choices; none, "
+                             "recompute, offload: that on every forward of every stage; "
+                             "mixed: all four in turn")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_verify)

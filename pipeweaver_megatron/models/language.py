@@ -104,9 +104,12 @@ def build_layers(spec: MegatronModuleSpec | Sequence[MegatronModuleSpec],
 
 
 def run_layers(layers: nn.ModuleDict, hidden: Tensor, **kwargs) -> Tensor:
-    """Run the layers in order on [s, 1, h] hidden states."""
+    """Run the layers in order on [s, 1, h] hidden states, each under the memory
+    strategy of the enclosing memory.layer_memory block (none: plainly)."""
+    from .memory import run_layer
+
     for layer in layers.values():
-        hidden, _ = layer(hidden, attention_mask=None, **kwargs)
+        hidden, _ = run_layer(layer, hidden, attention_mask=None, **kwargs)
     return hidden
 
 

@@ -2,8 +2,9 @@
 compiled execution plan, the batch metadata and the sub-microbatch members (pure Python).
 
 A runtime needs nothing else to run its rank: which stage runs which (sub-)microbatch
-in which order, every P2P message with its shapes, and, from the metadata, the data
-of each sub-microbatch. `content_hash` names the whole thing, so ranks can check they
+in which order, every P2P message with its shapes, from the metadata the data of each
+sub-microbatch, and the memory strategy of every forward (the planner's per-pair
+recompute / offload choice, executed by models/memory.py). `content_hash` names the whole thing, so ranks can check they
 execute the same plan.
 """
 
@@ -23,6 +24,9 @@ from .execplan import ExecutionPlan
 from .messages import split_owner, stage_outputs
 from .submicro import split_evenly
 
+MemoryChoice = tuple[int, int, int, int, int]
+"""(stage, microbatch, sub, recompute layers, offload layers)."""
+
 Members = Mapping[str, Sequence[Sequence[Sequence[int]]]]
 """Per module, per microbatch, the instance indices of each sub-microbatch."""
 
@@ -38,15 +42,26 @@ class IterationPlan:
     """Modules split into sub-microbatches only (others: one sub holding everything)."""
     dtype: str
     tp: int = 1
+    memory: tuple[MemoryChoice, ...] = ()
+    """(stage, microbatch, sub, recompute layers, offload layers) of every forward that
+    does not keep all its activations, sorted (absent: keep them all)."""
 
     @property
     def content_hash(self) -> str:
         text = json.dumps({"execution": self.execution.content_hash,
                            "samples": [[s.sample_id for s in mb.samples]
                                        for mb in self.batch.microbatches],
-                           "members": self.members, "dtype": self.dtype, "tp": self.tp},
+                           "members": self.members, "dtype": self.dtype, "tp": self.tp,
+                           **({"memory": self.memory} if self.memory else {})},
                           sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def strategy(self, stage: int, microbatch: int, sub: int) -> tuple[int, int]:
+        """(recompute, offload) transformer layers of one forward."""
+        for s, m, k, recompute, offload in self.memory:
+            if (s, m, k) == (stage, microbatch, sub):
+                return recompute, offload
+        return 0, 0
 
     def subs_of(self, microbatch: int) -> dict[str, list[tuple[int, ...]]]:
         """planner.messages' `subs` for one microbatch."""
@@ -88,10 +103,18 @@ def _instances(model: ModelSpec, module: str, batch: GlobalBatch, m: int) -> int
     return len(microbatch.clips) if kind == ModuleKind.GENERATOR else len(microbatch.images)
 
 
+def memory_choices(strategies: Mapping | None) -> tuple[MemoryChoice, ...]:
+    """IterationPlan.memory of a MemoryPlan's strategies ({(stage, mb, sub): Strategy})."""
+    return tuple(sorted((*key, s.recompute_layers, s.offload_layers)
+                        for key, s in (strategies or {}).items() if not s.trivial))
+
+
 def plan_iteration(model: ModelSpec, table: ScheduleTable, batch: GlobalBatch, rules: TokenRules,
                    dtype: str = "float32", tp: int = 1, members: Members | None = None,
-                   timeline: SimResult | None = None) -> IterationPlan:
-    """Compile a table for one batch (shapes from the batch's metadata)."""
+                   timeline: SimResult | None = None, strategies: Mapping | None = None
+                   ) -> IterationPlan:
+    """Compile a table for one batch (shapes from the batch's metadata); strategies:
+    the planner's MemoryPlan.strategies, carried to the runtime."""
     if len(batch.microbatches) != table.num_microbatches:
         raise ValueError(f"the table has {table.num_microbatches} microbatches, the batch "
                          f"{len(batch.microbatches)}")
@@ -105,4 +128,4 @@ def plan_iteration(model: ModelSpec, table: ScheduleTable, batch: GlobalBatch, r
 
     execution = compile_table(table, shapes_of, timeline)
     return IterationPlan(table=table, execution=execution, batch=batch, members=split,
-                         dtype=dtype, tp=tp)
+                         dtype=dtype, tp=tp, memory=memory_choices(strategies))

@@ -35,6 +35,7 @@ from ..ir import Action, Op
 from ..planner.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
 from ..planner.iteration import IterationPlan
 from ..models.data import select
+from ..models.memory import layer_memory
 from .executor import ExecutionError, RankExecutor
 from .p2p import TRANSPORTS, Channels, Transport, Watchdog
 
@@ -61,6 +62,8 @@ class PipeWeaverSchedule:
         """The last call's measured ops (see RankExecutor.timeline)."""
         self.freed_outputs = 0
         """Output tensors freed after sending, over all calls."""
+        self.saved_bytes = None
+        """A models.memory.SavedBytes counting every saved activation (benchmarks)."""
 
     def __call__(self, *, forward_step_func, data_iterator, model, num_microbatches: int,
                  seq_length: int | None = None, micro_batch_size: int | None = None,
@@ -172,6 +175,7 @@ class _Steps:
         self.param_sync = self._funcs("param_sync_func")
         self.grad_sync = self._funcs("grad_sync_func")
         self.grad_scale = getattr(config, "grad_scale_func", None)
+        self.saved_bytes = schedule.saved_bytes
         self._sync_off: contextlib.ExitStack | None = None
 
     @contextlib.contextmanager
@@ -212,7 +216,12 @@ class _Steps:
         data = select(self.data[action.microbatch], module, members)
         # Through wrappers (megatron-core DDP, Float16Module), as Megatron's schedules do.
         get_attr_wrapped_model(chunk, "set_input_tensor")(inputs)
-        output, loss_func = self.forward_step_func(iter([data]), chunk)
+        recompute, offload = self.plan.strategy(action.stage, action.microbatch, action.sub)
+        if self.forward_only or (not (recompute or offload) and self.saved_bytes is None):
+            output, loss_func = self.forward_step_func(iter([data]), chunk)
+        else:  # the planner's memory strategy (models/memory.py)
+            with layer_memory(recompute, offload, chunk.parameters(), self.saved_bytes):
+                output, loss_func = self.forward_step_func(iter([data]), chunk)
         loss = getattr(output, "loss", None)
         outputs = getattr(output, "outputs", output)
         if loss is None:

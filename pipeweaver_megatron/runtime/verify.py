@@ -11,6 +11,7 @@ reference's. The largest differences come back to the launcher.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import tempfile
@@ -53,9 +54,13 @@ class VerifyResult:
     elapsed_s: float
     plans: list[str] = field(default_factory=list)
     freed_outputs: int = 0
+    """Outputs whose storage the ranks freed after sending (Megatron's deallocation)."""
     params_with_grad: int = 0
     """Parameters holding a gradient after a forward_only run (must be 0)."""
-    """Outputs whose storage the ranks freed after sending (Megatron's deallocation)."""
+    grad_digests: list[str] = field(default_factory=list)
+    """Per rank, a hash of every gradient's bytes (equal digests: bitwise equal runs)."""
+    memory: list[int] = field(default_factory=list)
+    """Per batch, the forwards whose plan recomputes or offloads layers."""
 
     @property
     def ok(self) -> bool:
@@ -63,11 +68,39 @@ class VerifyResult:
                 and self.parameters == self.reference_parameters)
 
 
+MEMORY_STRATEGIES = ("planned", "none", "recompute", "offload", "mixed")
+"""--memory-strategy: the planner's own choice, or one forced on every forward (mixed:
+forwards in turn keep everything, recompute every layer, offload every layer, and
+recompute half then offload the rest)."""
+
+
+def forced_memory(plan: IterationPlan, model, strategy: str) -> IterationPlan:
+    """The plan with `strategy` on every forward of every stage (see MEMORY_STRATEGIES)."""
+    if strategy == "planned":
+        return plan
+    table = plan.table
+    choices = []
+    for n, (stage, m, sub) in enumerate(sorted({(a.stage, a.microbatch, a.sub)
+                                                for _, _, a in table.actions()})):
+        layers = sum(p.last_layer - p.first_layer for p in table.layout.stages[stage].parts
+                     if model.module(p.module).is_transformer)
+        pick = {"none": 0, "recompute": 1, "offload": 2, "mixed": n % 4}[strategy]
+        recompute, offload = [(0, 0), (layers, 0), (0, layers),
+                              (layers // 2, layers - layers // 2)][pick]
+        if recompute or offload:
+            choices.append((stage, m, sub, recompute, offload))
+    return replace(plan, memory=tuple(sorted(choices)))
+
+
 def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int | list, seed: int,
-                dataset: str | None = None, sub_size: dict[str, int] | None = None
-                ) -> tuple[list[IterationPlan], object]:
+                dataset: str | None = None, sub_size: dict[str, int] | None = None,
+                memory_strategy: str = "planned") -> tuple[list[IterationPlan], object]:
     """The iteration plans of `batches` sampled global batches (or of the GlobalBatches
-    given) on pp ranks; sub_size overrides the partitioner's sub-microbatch sizes."""
+    given) on pp ranks; sub_size overrides the partitioner's sub-microbatch sizes;
+    memory_strategy: see MEMORY_STRATEGIES."""
+    if memory_strategy not in MEMORY_STRATEGIES:
+        raise ValueError(f"unknown memory strategy {memory_strategy!r}; known: "
+                         + ", ".join(MEMORY_STRATEGIES))
     model = load_model(model_name)
     rules = TokenRules.from_model(model)
     sampled = batches if isinstance(batches, list) else \
@@ -83,10 +116,11 @@ def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int |
             result = planner.plan(batch, 60_000, seed + i)
             plans.append(plan_iteration(model, result.table, batch, rules, tp=tp,
                                         members=result.sub_microbatches.members,
-                                        timeline=result.simulation))
+                                        timeline=result.simulation,
+                                        strategies=result.memory.strategies))
     else:
         plans = [fallback_plan(model, batch, rules, schedule, pp, tp) for batch in sampled]
-    return plans, model
+    return [forced_memory(p, model, memory_strategy) for p in plans], model
 
 
 def reference_run(model, plans: list[IterationPlan], seed: int) -> dict:
@@ -187,6 +221,7 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                                   dist.get_process_group_ranks(group), group, timeout_s,
                                   transport)
     worst_grad, worst_loss, losses, names, with_grad = 0.0, 0.0, [], set(), 0
+    digest = hashlib.sha256()  # every gradient's bytes, for bitwise comparisons of runs
     for b, plan in enumerate(plans):
         for chunk in chunks:
             chunk.zero_grad(set_to_none=True)
@@ -206,12 +241,14 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                 full = reference["grads"][b][name]
                 want = shard(full, param, chunk._gated(name), t_rank, tp)
                 got = param.grad if param.grad is not None else torch.zeros_like(param)
+                digest.update(name.encode() + got.detach().contiguous().view(torch.uint8)
+                              .numpy().tobytes())
                 scale = max(full.abs().max().item(), 1e-12)
                 worst_grad = max(worst_grad, (got - want).abs().max().item() / scale)
                 names.add(name)
     torch.save({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
                 "names": sorted(names), "freed": schedule.freed_outputs,
-                "with_grad": with_grad}, f"{out_path}.{rank}")
+                "with_grad": with_grad, "digest": digest.hexdigest()}, f"{out_path}.{rank}")
 
 
 def _silence_sends() -> None:
@@ -227,7 +264,7 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
            seed: int = 0, dataset: str | None = None, tolerance: float = 1e-4,
            timeout_s: float = 120.0, sub_size: dict[str, int] | None = None,
            fault: str | None = None, forward_only: bool = False,
-           transport: str = "tags") -> VerifyResult:
+           transport: str = "tags", memory_strategy: str = "planned") -> VerifyResult:
     """Run the comparison (see the module docstring); batches: a count to sample, or
     GlobalBatches; transport: runtime/p2p.py's mode (nccl-order: NCCL's rules on gloo).
     Raises RuntimeError (with the failing rank's error) when a rank fails."""
@@ -236,7 +273,8 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     began = time.perf_counter()
-    plans, model = build_plans(model_name, schedule, pp, tp, batches, seed, dataset, sub_size)
+    plans, model = build_plans(model_name, schedule, pp, tp, batches, seed, dataset, sub_size,
+                               memory_strategy)
     batches = len(plans)
     reference = reference_run(model, plans, seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +312,9 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
                         elapsed_s=time.perf_counter() - began,
                         plans=[p.content_hash[:16] for p in plans],
                         freed_outputs=sum(r["freed"] for r in results),
-                        params_with_grad=sum(r["with_grad"] for r in results))
+                        params_with_grad=sum(r["with_grad"] for r in results),
+                        grad_digests=[r["digest"] for r in results],
+                        memory=[len(p.memory) for p in plans])
 
 
 def forward_only_losses(model_name: str, schedule: str, pp: int, batches: int = 1,

@@ -60,4 +60,5 @@ def static_plan(costs: CostModel, chunks: ChunkPlan, batch: GlobalBatch, rules: 
     """The fallback of a PipeWeaver run: its own layout, the static order (see above)."""
     result = PipeWeaverPlanner(costs, chunks, STATIC).plan(batch, 0.0, 0)
     return plan_iteration(costs.model, result.table, batch, rules, dtype=dtype, tp=tp,
-                          members=result.sub_microbatches.members)
+                          members=result.sub_microbatches.members,
+                          strategies=result.memory.strategies)

@@ -50,7 +50,8 @@ def encode_plan(iteration: int, plan: IterationPlan, **info: Any) -> bytes:
                   hash=plan.content_hash, table=plan.table.to_json(),
                   execution=plan.execution.to_json(),
                   microbatches=[list(mb.sample_ids) for mb in plan.batch.microbatches],
-                  members=plan.members, dtype=plan.dtype, tp=plan.tp, info=info)
+                  members=plan.members, dtype=plan.dtype, tp=plan.tp,
+                  memory=[list(c) for c in plan.memory], info=info)
 
 
 def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype: str,
@@ -66,6 +67,9 @@ def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype
         members = {str(module): tuple(tuple(tuple(int(i) for i in sub) for sub in per_mb)
                                       for per_mb in subs)
                    for module, subs in message["members"].items()}
+        memory = tuple(tuple(int(x) for x in c) for c in message.get("memory", []))
+        if any(len(c) != 5 or min(c) < 0 for c in memory):
+            raise ValueError("memory: entries are [stage, microbatch, sub, recompute, offload]")
         sent_hash = str(message["hash"])
         got_dtype, got_tp = str(message["dtype"]), int(message["tp"])
     except (KeyError, TypeError, ValueError, AttributeError, ScheduleFormatError,
@@ -80,13 +84,17 @@ def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype
     if (got_dtype, got_tp) != (dtype, tp):
         raise InvalidPlan(f"dtype {got_dtype} tp {got_tp}, expected dtype {dtype} tp {tp}")
     _check_members(members, table)
+    for stage, m, sub, _, _ in memory:
+        if stage >= table.layout.num_stages or m >= table.num_microbatches \
+                or sub >= table.subs(stage, m):
+            raise InvalidPlan(f"memory: no forward ({stage}, {m}, {sub}) in the table")
     try:
         validate(table)
         check_plan(execution, table)
     except (ScheduleValidationError, PlanCheckError) as exc:
         raise InvalidPlan(_first_line(exc)) from None
     plan = IterationPlan(table=table, execution=execution, batch=batch, members=members,
-                         dtype=dtype, tp=tp)
+                         dtype=dtype, tp=tp, memory=memory)
     if plan.content_hash != sent_hash:
         raise InvalidPlan(f"hash mismatch: sent {sent_hash[:12]}, "
                           f"content {plan.content_hash[:12]}")

@@ -58,7 +58,8 @@ class BatchPlanner:
         budget = self.settings.budget_ms if self.settings.max_evaluations is None else UNLIMITED_MS
         result = self.planner.plan(batch, budget, self.settings.seed + iteration)
         plan = plan_iteration(self.model, result.table, batch, self.rules, self.settings.dtype,
-                              self.tp, result.sub_microbatches.members, result.simulation)
+                              self.tp, result.sub_microbatches.members, result.simulation,
+                              result.memory.strategies)
         return plan, {"planning_ms": (time.perf_counter() - started) * 1000,
                       "predicted_iteration_time_s": result.predicted_iteration_time_s,
                       "predicted_bubble_ratio": result.simulation.bubble_ratio,

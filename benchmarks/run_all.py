@@ -60,6 +60,8 @@ ITEMS: list[tuple[str, str, list[str], list[str]]] = [
      ["--iterations", "2", "--budget-ms", "200"]),
     ("real_cpu", "real_cpu", ["--iterations", "20", "--rounds", "3"],
      ["--iterations", "4", "--rounds", "1"]),
+    ("activation_memory", "activation_memory", [], ["--models", "tiny-vlm"]),
+    ("packed_attention", "packed_attention", ["--repeats", "5"], ["--repeats", "1"]),
 ]
 
 

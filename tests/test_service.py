@@ -40,7 +40,8 @@ def in_process(model, batches: list[GlobalBatch], seed: int, evaluations: int) -
     for i, batch in enumerate(batches):
         result = planner.plan(batch, 3_600_000, seed + i)
         plan = plan_iteration(model, result.table, batch, rules, "float32", model.parallel.tp,
-                              result.sub_microbatches.members, result.simulation)
+                              result.sub_microbatches.members, result.simulation,
+                              result.memory.strategies)
         hashes.append(plan.content_hash)
     return hashes
 

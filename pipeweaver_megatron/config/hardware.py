@@ -42,6 +42,10 @@ class HardwareProfile:
     """Device<->host copy bandwidth for activation offloading, bytes/s (0: no offload)."""
     dtype_bytes: int = 2
     """Bytes per activation/weight element in training (2 for bf16; 4 for fp32 on cpu)."""
+    layer_spec: str = "transformer_engine"
+    """The layer implementation that runs here, for what a layer saves for its backward
+    (semu/graph.py [Note: saved activations]): transformer_engine (fused kernels) or
+    local (megatron-core's local spec on torch ops, what runs without CUDA)."""
 
     def __post_init__(self) -> None:
         for key in ("peak_flops", "memory_bandwidth", "memory_capacity", "intra_node_bandwidth",
@@ -50,6 +54,8 @@ class HardwareProfile:
                 raise SpecError(key, f"must be > 0, got {getattr(self, key)}")
         if self.gpus_per_node < 1:
             raise SpecError("gpus_per_node", "must be >= 1")
+        if self.layer_spec not in ("transformer_engine", "local"):
+            raise SpecError("layer_spec", f"transformer_engine or local, got {self.layer_spec!r}")
 
     @property
     def can_offload(self) -> bool:
@@ -101,7 +107,7 @@ PROFILES: dict[str, HardwareProfile] = {
         name="cpu", peak_flops=190e9, memory_bandwidth=20 * GB, memory_capacity=24 * GIB,
         intra_node_bandwidth=5 * GB, intra_node_latency=30e-6,
         inter_node_bandwidth=1.25 * GB, inter_node_latency=100e-6, gpus_per_node=2,
-        host_bandwidth=0.0, dtype_bytes=4),
+        host_bandwidth=0.0, dtype_bytes=4, layer_spec="local"),
 }
 
 

@@ -15,7 +15,8 @@ The chunk's transformer layers, counted in order over its parts (run_layers asks
 - the next ``offload``: their saved activations go to host memory through
   torch.autograd.graph.saved_tensors_hooks: on CUDA into pinned buffers copied on a side
   stream (the backward's unpack waits for that copy), off CUDA a plain copy. Parameters
-  are never copied (they stay resident).
+  and the layer's input (its checkpoint, which planner/candidates.py keeps on the
+  device) are never copied.
 - the rest: kept as they are.
 
 Outside a ``layer_memory`` block run_layers runs every layer plainly. An optional
@@ -127,7 +128,7 @@ def run_layer(layer, hidden: Tensor, **kwargs):
             hidden = _Keep.apply(hidden)
         return checkpoint(_Rerun(layer), hidden, use_reentrant=False, **kwargs)
     if index < block.recompute + block.offload:
-        with _hooks(block, offloading=True):
+        with _hooks(block, offloading=True, keep=hidden.untyped_storage().data_ptr()):
             return layer(hidden, **kwargs)
     return layer(hidden, **kwargs)
 
@@ -172,14 +173,19 @@ def _snapshot(states: dict) -> dict:
     return {name: s.clone() if isinstance(s, Tensor) else s for name, s in states.items()}
 
 
-def _hooks(block: _Block, offloading: bool):
-    """saved_tensors_hooks for the block: count, and offload when asked. Nothing at all
-    when neither is needed (autograd then saves tensors as it always does)."""
+def _hooks(block: _Block, offloading: bool, keep: int | None = None):
+    """saved_tensors_hooks for the block: count, and offload when asked (all but the
+    parameters and the layer's input `keep`, its checkpoint, which the planner's cost
+    model keeps on the device). Nothing at all when neither is needed."""
     if not offloading and block.counter is None:
         return contextlib.nullcontext()
 
     def pack(tensor: Tensor):
-        resident = tensor.untyped_storage().data_ptr() in block.params
+        storage = tensor.untyped_storage().data_ptr()
+        resident = storage in block.params
+        if offloading and storage == keep:
+            held = block.counter.add(tensor, "device") if block.counter is not None else None
+            return ("device", None, tensor, held)
         if offloading and not resident:
             copy = _to_host(tensor, block)
             held = block.counter.add(copy, "host") if block.counter is not None else None

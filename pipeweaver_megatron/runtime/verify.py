@@ -61,6 +61,9 @@ class VerifyResult:
     """Per rank, a hash of every gradient's bytes (equal digests: bitwise equal runs)."""
     memory: list[int] = field(default_factory=list)
     """Per batch, the forwards whose plan recomputes or offloads layers."""
+    saved_peaks: list = field(default_factory=list)
+    """With measure_memory, per global rank and batch: (peak saved-activation bytes on
+    the device, offloaded to the host), counted by models.memory.SavedBytes."""
 
     @property
     def ok(self) -> bool:
@@ -164,7 +167,8 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int, seed: int,
                reference_path: str, out_path: str, timeout_s: float, fault: str | None,
-               forward_only: bool = False, transport: str = "tags") -> None:
+               forward_only: bool = False, transport: str = "tags",
+               measure_memory: bool = False) -> None:
     from datetime import timedelta
 
     from ..models import teardown
@@ -177,7 +181,7 @@ def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int,
                             timeout=timedelta(seconds=2 * timeout_s + 30))
     try:
         _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
-                  forward_only, transport)
+                  forward_only, transport, measure_memory)
     except BaseException as exc:
         torch.save({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f"{out_path}.{rank}")
         os._exit(1)  # skip teardown: peers may still hold posted operations with this rank
@@ -185,7 +189,7 @@ def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int,
 
 
 def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
-              forward_only=False, transport="tags"):
+              forward_only=False, transport="tags", measure_memory=False):
     from megatron.core import parallel_state
 
     from ..models import init_parallel, stage_chunk
@@ -222,12 +226,19 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                                   transport)
     worst_grad, worst_loss, losses, names, with_grad = 0.0, 0.0, [], set(), 0
     digest = hashlib.sha256()  # every gradient's bytes, for bitwise comparisons of runs
+    peaks = []
     for b, plan in enumerate(plans):
         for chunk in chunks:
             chunk.zero_grad(set_to_none=True)
+        if measure_memory:
+            from ..models.memory import SavedBytes
+
+            schedule.saved_bytes = SavedBytes()
         data = iter([microbatch_data(model, mb, rules, seed) for mb in plan.batch.microbatches])
         reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data, model=chunks,
                            num_microbatches=plan.table.num_microbatches, forward_only=forward_only)
+        if measure_memory:
+            peaks.append((schedule.saved_bytes.peak_device, schedule.saved_bytes.peak_host))
         total = sum(float(r["loss"][0]) for r in reports)
         losses.append(total if reports else None)
         if reports and t_rank == 0:
@@ -248,7 +259,8 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                 names.add(name)
     torch.save({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
                 "names": sorted(names), "freed": schedule.freed_outputs,
-                "with_grad": with_grad, "digest": digest.hexdigest()}, f"{out_path}.{rank}")
+                "with_grad": with_grad, "digest": digest.hexdigest(), "peaks": peaks},
+               f"{out_path}.{rank}")
 
 
 def _silence_sends() -> None:
@@ -264,7 +276,8 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
            seed: int = 0, dataset: str | None = None, tolerance: float = 1e-4,
            timeout_s: float = 120.0, sub_size: dict[str, int] | None = None,
            fault: str | None = None, forward_only: bool = False,
-           transport: str = "tags", memory_strategy: str = "planned") -> VerifyResult:
+           transport: str = "tags", memory_strategy: str = "planned",
+           measure_memory: bool = False) -> VerifyResult:
     """Run the comparison (see the module docstring); batches: a count to sample, or
     GlobalBatches; transport: runtime/p2p.py's mode (nccl-order: NCCL's rules on gloo).
     Raises RuntimeError (with the failing rank's error) when a rank fails."""
@@ -283,7 +296,8 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
         world = pp * tp
         context = mp.start_processes(_rank_main, args=(world, _free_port(), model, plans, tp, pp,
                                                         seed, ref_path, out_path, timeout_s, fault,
-                                                        forward_only, transport),
+                                                        forward_only, transport,
+                                                        measure_memory),
                                      nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s * 2 + 60
         try:
@@ -314,7 +328,8 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
                         freed_outputs=sum(r["freed"] for r in results),
                         params_with_grad=sum(r["with_grad"] for r in results),
                         grad_digests=[r["digest"] for r in results],
-                        memory=[len(p.memory) for p in plans])
+                        memory=[len(p.memory) for p in plans],
+                        saved_peaks=[r["peaks"] for r in results])
 
 
 def forward_only_losses(model_name: str, schedule: str, pp: int, batches: int = 1,

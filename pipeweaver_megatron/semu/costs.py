@@ -85,7 +85,8 @@ class CostModel:
         cal = self.calibration
         self.parallel = Parallel(tp=self.tp or par.tp, sequence_parallel=sp,
                                  dtype_bytes=self.hardware.dtype_bytes,
-                                 causal_fraction=cal.causal_fraction)
+                                 causal_fraction=cal.causal_fraction,
+                                 local_spec=self.hardware.layer_spec == "local")
         self.roofline = replace(self.hardware,
                                 peak_flops=cal.peak_flops or self.hardware.peak_flops,
                                 memory_bandwidth=cal.memory_bandwidth or self.hardware.memory_bandwidth)

@@ -30,6 +30,8 @@ class Parallel:
     dtype_bytes: int
     causal_fraction: float = 0.5
     """Cost of causal attention relative to full (kernel property, from calibration)."""
+    local_spec: bool = False
+    """Layers run megatron-core's local spec on torch ops (see [Note: saved activations])."""
 
     @property
     def seq_shard(self) -> int:
@@ -116,6 +118,8 @@ def layer_ops(spec: ModuleSpec, shape: ModuleShape, cond_hidden: int, par: Paral
     ops += tp_collective("attn_reduce", tokens * h, par, count)
     ops += elementwise("residual1", tokens * h / rep, par, passes=3, count=count)
     saved = tokens * h * 4 / rep + tokens * (2 * h + 2 * kv) / t
+    if par.local_spec:
+        saved = _local_self_saved(spec, tokens, rep, t)
     if spec.cross_attention and shape.cond:
         cond = float(sum(shape.cond))
         cross = sum(s * c for s, c in zip(shape.seqs, shape.cond))
@@ -127,7 +131,13 @@ def layer_ops(spec: ModuleSpec, shape: ModuleShape, cond_hidden: int, par: Paral
         ops += gemm("cross_proj", tokens, h, h / t, par, count)
         ops += tp_collective("cross_reduce", tokens * h, par, count)
         ops += elementwise("residual_cross", tokens * h / rep, par, passes=3, count=count)
-        saved += tokens * h * 2 / rep + 2 * tokens * h / t + 2 * cond * kv / t
+        if par.local_spec:
+            # its norm's input, output and statistics; q, SDPA's output and log-sum-exp;
+            # the condition and its K/V projection; the [tokens, cond] attention mask
+            saved += tokens * (2 * h + 2) / rep + cond * cond_hidden / rep + tokens * cond \
+                + (2 * tokens * h + 2 * cond * kv + tokens * spec.num_attention_heads) / t
+        else:
+            saved += tokens * h * 2 / rep + 2 * tokens * h / t + 2 * cond * kv / t
     up = 2 if spec.gated_mlp else 1
     ops += elementwise("norm2", tokens * h / rep, par, count=count) + ag
     ops += gemm("fc1", tokens, up * f / t, h, par, count)
@@ -135,8 +145,26 @@ def layer_ops(spec: ModuleSpec, shape: ModuleShape, cond_hidden: int, par: Paral
     ops += gemm("fc2", tokens, h, f / t, par, count)
     ops += tp_collective("mlp_reduce", tokens * h, par, count)
     ops += elementwise("residual2", tokens * h / rep, par, passes=3, count=count)
-    saved += tokens * f * (up + 1) / t
+    saved += tokens * f * ((5 if spec.gated_mlp else 2) if par.local_spec else up + 1) / t
     return ops, e * saved, e * tokens * h / rep
+
+
+def _local_self_saved(spec: ModuleSpec, tokens: float, rep: int, t: int) -> float:
+    """[Note: saved activations] Elements one layer of megatron-core's local spec saves
+    for its backward, before the MLP (counted by models/memory.SavedBytes on every
+    tensor autograd keeps, a storage once; exact for tiny-vlm's and tiny-t2v's layers):
+    five hidden-sized tensors around the norms and residuals, two more with RMSNorm
+    (torch's composite rms_norm keeps its normalised input), the norms' statistics;
+    RoPE's cos/sin of q and k (4 x head_dim); attention keeps the rotated q and k, the
+    fused QKV projection's whole output (v is a view of it), SDPA's output and
+    log-sum-exp. The MLP (added by the caller) keeps fc1's output and the activation's
+    (GELU), or with SwiGLU fc1's doubled output and three intermediates. Transformer
+    Engine fuses most of these (Korthikanti et al.'s counts, the formula above)."""
+    h, kv, d = spec.hidden_size, spec.query_groups * spec.head_dim, spec.head_dim
+    rms = spec.kind == ModuleKind.LANGUAGE_MODEL
+    around = (7 if rms else 5) * h / rep + (2 if rms else 4) / rep
+    attention = (3 * h + 3 * kv + spec.num_attention_heads) / t + 4 * d / t
+    return tokens * (around + attention)
 
 
 def input_ops(model: ModelSpec, spec: ModuleSpec, shape: ModuleShape, par: Parallel) -> tuple[list[Op], float]:

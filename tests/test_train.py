@@ -111,3 +111,19 @@ def test_a_run_killed_between_shard_writes_resumes_from_the_previous_complete_ch
                     port=29712)
     assert [r["iteration"] for r in resumed] == [2, 3]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole[2:]], rel=1e-5)
+
+
+def test_bf16_trains_near_fp32_and_resumes_from_its_fp32_main_copies(tmp_path):
+    """--bf16: chunks compute and stages exchange bf16, Adam steps fp32 main copies. The
+    losses follow the fp32 run's (bf16 rounding only), and a resumed run continues with
+    the uninterrupted bf16 run's losses exactly (the main copies are in the checkpoint)."""
+    flags = ("--pipeline-model-parallel-size", "2", "--lr", "3e-3", "--train-iters", "4")
+    fp32 = train(tmp_path, "fp32", 2, *flags, port=29713)
+    bf16 = train(tmp_path, "bf16", 2, *flags, "--bf16", port=29714)
+    assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in fp32], rel=2e-2)
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=1e-3)
+    assert [r["loss"] for r in bf16] != [r["loss"] for r in fp32]  # it did run in bf16
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", 2, *flags[:-1], "2", "--bf16", "--save", str(ckpt), port=29715)
+    resumed = train(tmp_path, "resumed", 2, *flags, "--bf16", "--load", str(ckpt), port=29716)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in bf16[2:]], rel=1e-6)

@@ -75,8 +75,54 @@ def build_training(chunks: list, args, device: torch.device) -> Training:
         for chunk in chunks:
             chunk.config = HostRunConfig()
         params = [p for c in chunks for p in c.parameters()]
+        if any(p.dtype != torch.float32 for p in params):  # --bf16
+            from ..models.precision import keep_fp32_grads
+
+            for chunk in chunks:
+                keep_fp32_grads(chunk)
+            return Training(list(chunks), MixedPrecisionAdam(params, args.lr), False, params)
         return Training(list(chunks), torch.optim.Adam(params, lr=args.lr), False, params)
     return _megatron_core_training(chunks, args)
+
+
+class MixedPrecisionAdam:
+    """Adam on fp32 main copies of low-precision parameters (host path of --bf16, as
+    megatron-core's Float16OptimizerWithFloat16Params): the step reads the fp32
+    main_grad, updates the fp32 copy and casts it back into the parameter. The copies
+    are part of state_dict, so a resumed run continues from the same fp32 values."""
+
+    def __init__(self, params: list, lr: float) -> None:
+        self.params = list(params)
+        self.main = [p.detach().float().clone().requires_grad_() for p in self.params]
+        self.adam = torch.optim.Adam(self.main, lr=lr)
+
+    def zero_grad(self) -> None:
+        from ..models.precision import zero_main_grads
+
+        zero_main_grads(self.params)
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        from ..models.precision import main_grad
+
+        for param, main in zip(self.params, self.main):
+            grad = main_grad(param)
+            main.grad = None if grad is None else grad.float()
+        self.adam.step()
+        with torch.no_grad():
+            for param, main in zip(self.params, self.main):
+                param.copy_(main)
+
+    def state_dict(self) -> dict:
+        return {"adam": self.adam.state_dict(), "main": [m.detach().clone() for m in self.main]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(state["adam"])
+        with torch.no_grad():
+            for main, saved, param in zip(self.main, state["main"], self.params, strict=True):
+                main.copy_(saved)
+                param.copy_(saved)
 
 
 def _megatron_core_training(chunks: list, args) -> Training:
@@ -100,10 +146,11 @@ def _megatron_core_training(chunks: list, args) -> Training:
         wrapped.broadcast_params()  # DP replicas start equal
     config.no_sync_func = [m.no_sync for m in model]
     config.finalize_model_grads_func = finalize_pipeweaver_grads
+    bf16 = bool(getattr(args, "bf16", False))
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, clip_grad=args.clip_grad,
+        OptimizerConfig(optimizer="adam", lr=args.lr, clip_grad=args.clip_grad, bf16=bf16,
                         use_distributed_optimizer=args.use_distributed_optimizer,
-                        params_dtype=torch.float32), model)
+                        params_dtype=torch.bfloat16 if bf16 else torch.float32), model)
     return Training(model, optimizer, True)
 
 
@@ -136,12 +183,15 @@ def reduce_host_gradients(params: list, tokens: float, dp_group) -> None:
         count = torch.tensor([tokens], dtype=torch.float64, device=params[0].device)
         dist.all_reduce(count, group=dp_group)
         tokens = float(count.item())
+    from ..models.precision import main_grad
+
     for p in params:
-        if p.grad is None:
+        grad = main_grad(p)
+        if grad is None:
             continue
         if world > 1:
-            dist.all_reduce(p.grad, group=dp_group)
-        p.grad.div_(tokens)
+            dist.all_reduce(grad, group=dp_group)
+        grad.div_(tokens)
 
 
 def clip_host_gradients(params: list, max_norm: float) -> float:
@@ -150,15 +200,18 @@ def clip_host_gradients(params: list, max_norm: float) -> float:
     counts once. Returns the norm before clipping."""
     from megatron.core import parallel_state
 
+    from ..models.precision import main_grad
+
     t_rank = parallel_state.get_tensor_model_parallel_rank()
     total = torch.zeros(1, dtype=torch.float64, device=params[0].device)
-    for p in params:
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or t_rank == 0):
-            total += p.grad.double().square().sum()
+    grads = [(p, main_grad(p)) for p in params]
+    for p, grad in grads:
+        if grad is not None and (getattr(p, "tensor_model_parallel", False) or t_rank == 0):
+            total += grad.double().square().sum()
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     norm = float(total.sqrt().item())
     if norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
+        for _, grad in grads:
+            if grad is not None:
+                grad.mul_(max_norm / (norm + 1e-6))
     return norm

@@ -34,6 +34,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip-grad", type=float, default=0.0,
                         help="clip the global gradient norm to this (0: off)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--bf16", action="store_true",
+                        help="chunks compute and stages exchange activations in bfloat16; "
+                             "gradients are summed and Adam steps in fp32 (main copies)")
     parser.add_argument("--transformer-impl", choices=("transformer_engine", "local"),
                         help="layer spec (default: transformer_engine when it and CUDA are "
                              "present, else local with SDPA core attention)")

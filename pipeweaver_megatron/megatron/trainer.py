@@ -168,7 +168,8 @@ def train(args) -> list[dict]:
                                                  run.schedule)
         layout = feed.layout
         stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
-        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed,
+        dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+        chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed, params_dtype=dtype,
                               use_te=use_te_flag(args)).to(topo.device) for s in stages]
         training = build_training(chunks, args, topo.device)
         start, extras = 0, {}

@@ -28,7 +28,7 @@ from ..planner.execplan import (Batch, Compute, Kind, Message, PostRecv, Send,
                                 WaitRecv, WaitSend)
 from ..planner.iteration import IterationPlan
 from ..planner.messages import stage_inputs
-from .p2p import Transport
+from .p2p import DTYPES, Transport
 
 
 class OpClock:
@@ -200,6 +200,9 @@ class RankExecutor:
             if tuple(t.shape) != tuple(spec.shape):
                 raise ExecutionError(f"rank {self.rank}: {message} {spec.name} has shape "
                                      f"{tuple(t.shape)}, the plan says {tuple(spec.shape)}")
+            if t.dtype != DTYPES[str(spec.dtype)]:
+                raise ExecutionError(f"rank {self.rank}: {message} {spec.name} is {t.dtype}, "
+                                     f"the plan says {spec.dtype}")
         return ("send", op.peer, message, tensors)
 
     def _incoming(self, action: Action):

@@ -20,6 +20,8 @@ from ..planner.partition import ChunkPlan
 from ..planner.search import PipeWeaverPlanner, SearchSettings
 from ..planner.systems import PIPEWEAVER
 from ..semu import CostModel, load_calibration
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 from ..workload import GlobalBatch
 from .fallback import fallback_plan
 from .settings import UNLIMITED_MS, ServiceSettings
@@ -27,8 +29,12 @@ from .wire import encode, encode_plan
 
 
 def make_costs(settings: ServiceSettings, model: ModelSpec) -> CostModel:
-    """The cost model of the run: hardware, calibration and TP from the settings."""
+    """The cost model of the run: hardware, calibration and TP from the settings; the
+    element size of activations and messages follows the run's dtype (an fp32 run is
+    priced as fp32, a bf16 one as bf16, whatever the hardware profile's default)."""
     hardware = get_hardware(settings.hardware or model.hardware)
+    if settings.dtype in DTYPE_BYTES:
+        hardware = replace(hardware, dtype_bytes=DTYPE_BYTES[settings.dtype])
     calibration = load_calibration(settings.calibration) if settings.calibration else None
     return CostModel(model, hardware, calibration=calibration, tp=settings.tp or model.parallel.tp)
 

@@ -16,10 +16,12 @@ for check in te bf16-ddp events memory; do
   timeout 240 "$PY" scripts/gpu_check.py "$check" || failed=1
 done
 out="docs/results/calibration_${GPU}.json"
+log=$(mktemp)
 if timeout 240 "$PY" -m pipeweaver_megatron.cli.main profile --device cuda --out "$out" \
-    > /tmp/pipeweaver_profile.log 2>&1; then
+    > "$log" 2>&1; then
   echo "PASS profile: $out"
 else
-  echo "FAIL profile: $(tail -1 /tmp/pipeweaver_profile.log)"; failed=1
+  echo "FAIL profile: $(tail -1 "$log")"; failed=1
 fi
+rm -f "$log"
 exit $failed

@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 
+from ..planner.iteration import MEMORY_STRATEGIES
+from ..planner.nccl_order import TRANSPORTS
 from ..planner.systems import RUNNABLE
-
-MEMORY_STRATEGIES = ("planned", "none", "recompute", "offload", "mixed")
-"""runtime.verify.MEMORY_STRATEGIES (repeated: the parser must not import torch)."""
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -62,7 +61,7 @@ def add_parser(sub) -> None:
     verify.add_argument("--workload", help="dataset generator or JSONL trace (default: the model's)")
     verify.add_argument("--tolerance", type=float, default=1e-4)
     verify.add_argument("--timeout", type=float, default=120.0, help="seconds a rank may wait")
-    verify.add_argument("--transport", choices=("tags", "nccl-order"), default="tags",
+    verify.add_argument("--transport", choices=TRANSPORTS, default="tags",
                         help="tags: one gloo group, a tag per kind; nccl-order: what runs on "
                              "NCCL (a communicator per channel, one tag, no batching)")
     verify.add_argument("--memory-strategy", choices=MEMORY_STRATEGIES, default="planned",

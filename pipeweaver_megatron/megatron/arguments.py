@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from ..planner.nccl_order import TRANSPORTS
 from ..planner.systems import PIPEWEAVER, RUNNABLE
 
 FAULTS = ("planner-crash", "planner-hang", "bad-plan", "crash-mid-save")
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="schedule of an iteration whose plan is late or invalid")
     group.add_argument("--pipeweaver-schedule", choices=RUNNABLE, default=PIPEWEAVER,
                        help="pipeweaver, or a Megatron order through the same runtime")
-    group.add_argument("--pipeweaver-transport", choices=("auto", "tags", "nccl-order"),
+    group.add_argument("--pipeweaver-transport", choices=("auto",) + TRANSPORTS,
                        default="auto", help="P2P transport: auto is nccl-order on NCCL (a "
                        "communicator per channel, one tag, no batching) and tags on gloo; "
                        "nccl-order on gloo runs NCCL's matching rules on the CPU")

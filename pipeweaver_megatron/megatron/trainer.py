@@ -246,12 +246,13 @@ def _save_fault(args, iteration: int, rank: int):
 def save_gradients(directory: str, iteration: int, rank: int, chunks: list) -> None:
     """--pipeweaver-save-grads: this rank's reduced gradients by parameter name (fp32
     main_grad on the megatron-core path, before its optimizer clips)."""
+    from ..models.precision import main_grad
+
     os.makedirs(directory, exist_ok=True)
     grads = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
+            grad = main_grad(param)
             grads[name] = None if grad is None else grad.detach().float().clone()
     torch.save(grads, os.path.join(directory, f"iter_{iteration:07d}_rank_{rank:04d}.pt"))
 

@@ -16,9 +16,9 @@ tokens are the sequence but its last item and labels the sequence from its secon
 an image and where the label is an image, 1 elsewhere (LLaVAModel masks the same
 positions of the combined sequence). Each image is resized to one img_h x img_w tile
 (PIL, bicubic on 8-bit pixels, as LLaVAModel takes one tile per image when get_batch
-passes no tile counts) and normalised with CLIP's mean and std. The tokenizer is Megatron's (--tokenizer-type
-HuggingFaceTokenizer --tokenizer-model DIR reads `pipeweaver data demo`'s BPE); under
-NullTokenizer, which cannot read text, the byte-level tokenizer (ids 0..259, EOD
+passes no tile counts) and normalised with CLIP's mean and std. The tokenizer is
+Megatron's (--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR reads `pipeweaver
+data demo`'s BPE); under NullTokenizer, which cannot read text, the byte-level tokenizer (ids 0..259, EOD
 <eos>). A sample without images (get_batch's broadcast cannot carry an empty image
 tensor) or whose LM sequence exceeds --decoder-seq-length (the text plus img_seq_len
 per image) is bad data: DataError naming the shard and key, or one of

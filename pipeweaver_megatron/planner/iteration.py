@@ -4,8 +4,8 @@ compiled execution plan, the batch metadata and the sub-microbatch members (pure
 A runtime needs nothing else to run its rank: which stage runs which (sub-)microbatch
 in which order, every P2P message with its shapes, from the metadata the data of each
 sub-microbatch, and the memory strategy of every forward (the planner's per-pair
-recompute / offload choice, executed by models/memory.py). `content_hash` names the whole thing, so ranks can check they
-execute the same plan.
+recompute / offload choice, executed by models/memory.py). `content_hash` names the
+whole thing, so ranks can check they execute the same plan.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from .submicro import split_evenly
 
 MemoryChoice = tuple[int, int, int, int, int]
 """(stage, microbatch, sub, recompute layers, offload layers)."""
+
+MEMORY_STRATEGIES = ("planned", "none", "recompute", "offload", "mixed")
+"""`pipeweaver verify --memory-strategy`: the planner's own choice, or one forced on every
+forward (mixed: forwards in turn keep everything, recompute every layer, offload every
+layer, and recompute half then offload the rest); runtime/verify.forced_memory."""
 
 Members = Mapping[str, Sequence[Sequence[Sequence[int]]]]
 """Per module, per microbatch, the instance indices of each sub-microbatch."""

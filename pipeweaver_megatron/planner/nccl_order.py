@@ -45,6 +45,10 @@ from .execplan import Batch, ExecutionPlan, Kind, PostRecv, Send, WaitRecv, Wait
 
 COMMUNICATORS = ("per_channel", "per_pair")
 
+TRANSPORTS = ("tags", "nccl-order")
+"""The runtime's transports (runtime/p2p.py): one gloo group with a tag per kind, or one
+communicator per channel issued as this module's default replay (NCCL's order)."""
+
 Channel = tuple[int, int, Kind]
 """(sender rank, receiver rank, kind)."""
 

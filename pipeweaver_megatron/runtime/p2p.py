@@ -1,7 +1,8 @@
 """Point-to-point transport of an execution plan over torch.distributed.
 
 Pipeline ranks of the plan map to global ranks of the pipeline group. Buffers take the
-shapes and dtypes the plan gives: no handshake. Two modes (``TRANSPORTS``):
+shapes and dtypes the plan gives: no handshake. Two modes (planner/nccl_order.py's
+``TRANSPORTS``):
 
 - ``tags`` (the default on gloo): one process group; each message kind has its own tag
   (activations 0, gradients 1), and a plan's Batch is one ``batch_isend_irecv``. gloo
@@ -40,7 +41,6 @@ import torch.distributed as dist
 
 from ..planner.execplan import Kind, Message
 
-TRANSPORTS = ("tags", "nccl-order")
 TAGS = {Kind.ACTIVATION: 0, Kind.GRADIENT: 1}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

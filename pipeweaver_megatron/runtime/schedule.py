@@ -34,10 +34,11 @@ from megatron.core.utils import get_attr_wrapped_model
 from ..ir import Action, Op
 from ..planner.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
 from ..planner.iteration import IterationPlan
+from ..planner.nccl_order import TRANSPORTS
 from ..models.data import select
 from ..models.memory import layer_memory
 from .executor import ExecutionError, RankExecutor
-from .p2p import TRANSPORTS, Channels, Transport, Watchdog
+from .p2p import Channels, Transport, Watchdog
 
 KNOWN_OPS = (Compute, PostRecv, Send, WaitRecv, WaitSend, Batch)
 

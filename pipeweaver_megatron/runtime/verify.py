@@ -26,13 +26,15 @@ import torch.multiprocessing as mp
 from ..config import get_hardware, load_model
 from ..planner import PipeWeaverPlanner, SearchSettings, partition
 from ..planner.systems import RUNNABLE
-from ..planner.iteration import IterationPlan, plan_iteration
+from ..planner.iteration import MEMORY_STRATEGIES, IterationPlan, plan_iteration
 from ..service.fallback import fallback_plan
 from ..semu import CostModel
 from ..workload import TokenRules, sample_workload
+from .p2p import DTYPES as P2P_DTYPES
 
 SCHEDULES = RUNNABLE
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: P2P_DTYPES[name] for name in ("float32", "bfloat16")}
+"""The dtypes verify runs (runtime/p2p.py's names)."""
 LOW_PRECISION_FACTOR = 3.0
 """A bf16 run passes when its largest loss and gradient differences from the fp32
 reference are at most this times those of the same model run in bf16 in one process
@@ -82,12 +84,6 @@ class VerifyResult:
         loss_tolerance = self.tolerance if self.loss_tolerance is None else self.loss_tolerance
         return (self.max_loss_diff <= loss_tolerance and self.max_grad_diff <= self.tolerance
                 and self.parameters == self.reference_parameters)
-
-
-MEMORY_STRATEGIES = ("planned", "none", "recompute", "offload", "mixed")
-"""--memory-strategy: the planner's own choice, or one forced on every forward (mixed:
-forwards in turn keep everything, recompute every layer, offload every layer, and
-recompute half then offload the rest)."""
 
 
 def forced_memory(plan: IterationPlan, model, strategy: str) -> IterationPlan:
@@ -142,65 +138,57 @@ def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int |
 
 def reference_run(model, plans: list[IterationPlan], seed: int, dtype: str = "float32") -> dict:
     """Whole-model losses and gradients per batch, in this process, in fp32; with dtype
-    bfloat16 also the same model in bf16 (weights cast from fp32), whose largest
-    differences from fp32 give the tolerance of a bf16 run (see verify)."""
+    bfloat16 also the same model in bf16 (weights cast from fp32, fp32 gradient sums),
+    whose largest differences from fp32 give the tolerance of a bf16 run (see verify)."""
     from ..models import build_reference, init_single_process, teardown
-    from ..models.data import microbatch_data
 
-    rules = TokenRules.from_model(model)
     init_single_process(seed)
     try:
         reference = build_reference(model, seed=seed, use_te=False)
         state = {k: v.detach().clone() for k, v in reference.state_dict().items()
                  if isinstance(v, torch.Tensor)}
-        losses, grads = [], []
-        for plan in plans:
-            reference.zero_grad(set_to_none=True)
-            total = 0.0
-            for microbatch in plan.batch.microbatches:
-                result = reference({}, microbatch_data(model, microbatch, rules, seed))
-                result.loss.backward()
-                total += result.loss.item()
-            losses.append(total)
-            grads.append({n: (p.grad.detach().clone() if p.grad is not None
-                              else torch.zeros_like(p)) for n, p in reference.named_parameters()})
+        losses, grads = _whole_model(model, reference, plans, seed)
         out = {"state": state, "losses": losses, "grads": grads}
         if dtype != "float32":
-            out["low_precision"] = _low_precision_gap(model, plans, seed, dtype, state, losses,
-                                                      grads)
+            low = build_reference(model, seed=seed, use_te=False, params_dtype=DTYPES[dtype])
+            low.load_state_dict(state, strict=False)
+            low_losses, low_grads = _whole_model(model, low, plans, seed)
+            out["low_precision"] = _gap(losses, grads, low_losses, low_grads)
         return out
     finally:
         teardown()
 
 
-def _low_precision_gap(model, plans, seed, dtype, state, losses, grads) -> tuple[float, float]:
-    """(largest relative loss difference, largest gradient difference relative to each
-    parameter's largest fp32 gradient) of the whole model run in dtype against fp32."""
-    from ..models import build_reference
+def _whole_model(model, net, plans: list[IterationPlan], seed: int) -> tuple[list, list]:
+    """Loss sum and fp32 gradients (summed in fp32 for low-precision parameters) of every
+    plan's batch through the whole model."""
     from ..models.data import microbatch_data
-
-    rules = TokenRules.from_model(model)
     from ..models.precision import keep_fp32_grads, main_grad, zero_main_grads
 
-    low = build_reference(model, seed=seed, use_te=False, params_dtype=DTYPES[dtype])
-    low.load_state_dict(state, strict=False)
-    kept = keep_fp32_grads(low)
-    worst_loss = worst_grad = 0.0
-    for b, plan in enumerate(plans):
-        low.zero_grad(set_to_none=True)
+    rules = TokenRules.from_model(model)
+    kept = keep_fp32_grads(net)
+    losses, grads = [], []
+    for plan in plans:
+        net.zero_grad(set_to_none=True)
         zero_main_grads(kept)
         total = 0.0
         for microbatch in plan.batch.microbatches:
-            result = low({}, microbatch_data(model, microbatch, rules, seed))
+            result = net({}, microbatch_data(model, microbatch, rules, seed))
             result.loss.backward()
             total += result.loss.item()
-        worst_loss = max(worst_loss, abs(total - losses[b]) / max(abs(losses[b]), 1e-12))
-        for name, param in low.named_parameters():
-            full = grads[b][name]
-            got = main_grad(param)
-            got = got.float() if got is not None else torch.zeros_like(full)
-            worst_grad = max(worst_grad, (got - full).abs().max().item()
-                             / max(full.abs().max().item(), 1e-12))
+        losses.append(total)
+        grads.append({n: (main_grad(p).detach().float().clone() if main_grad(p) is not None
+                          else torch.zeros_like(p, dtype=torch.float32))
+                      for n, p in net.named_parameters()})
+    return losses, grads
+
+
+def _gap(losses, grads, low_losses, low_grads) -> tuple[float, float]:
+    """(largest relative loss difference, largest gradient difference relative to each
+    parameter's largest fp32 gradient) of a low-precision run against fp32."""
+    worst_loss = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(losses, low_losses))
+    worst_grad = max((low[name] - full).abs().max().item() / max(full.abs().max().item(), 1e-12)
+                     for batch, low in zip(grads, low_grads) for name, full in batch.items())
     return worst_loss, worst_grad
 
 

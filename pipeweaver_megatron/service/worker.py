@@ -20,12 +20,13 @@ from ..planner.partition import ChunkPlan
 from ..planner.search import PipeWeaverPlanner, SearchSettings
 from ..planner.systems import PIPEWEAVER
 from ..semu import CostModel, load_calibration
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 from ..workload import GlobalBatch
 from .fallback import fallback_plan
 from .settings import UNLIMITED_MS, ServiceSettings
 from .wire import encode, encode_plan
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Element size of the run's activation dtype (ServiceSettings.dtype)."""
 
 
 def make_costs(settings: ServiceSettings, model: ModelSpec) -> CostModel:

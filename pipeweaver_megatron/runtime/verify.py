@@ -193,9 +193,25 @@ def _gap(losses, grads, low_losses, low_grads) -> tuple[float, float]:
 
 
 def _wait_all(context, deadline: float) -> None:
-    """After one rank failed, give the others until the deadline to report theirs."""
-    for process in context.processes:
-        process.join(max(0.0, deadline - time.monotonic()))
+    """Wait until every rank has exited or the deadline passed. Not ProcessContext.join:
+    it terminates the other ranks as soon as one fails, which can cut a peer's own error
+    report in half; each rank ends by itself, its waits being bounded by the timeout."""
+    while any(p.is_alive() for p in context.processes):
+        if time.monotonic() > deadline:
+            raise TimeoutError("ranks still running at the deadline")
+        time.sleep(0.2)
+
+
+def _save_result(result: dict, path: str) -> None:
+    """Write a rank's result whole or not at all (a killed rank leaves no torn file)."""
+    torch.save(result, f"{path}.part")
+    os.replace(f"{path}.part", path)
+
+
+def _load_result(path: str, rank: int) -> dict:
+    if not os.path.exists(path):
+        return {"rank": rank, "error": "no result (the process ended without reporting)"}
+    return torch.load(path, weights_only=False)
 
 
 def _free_port() -> int:
@@ -222,7 +238,7 @@ def _rank_main(rank: int, world: int, port: int, model, plans, tp: int, pp: int,
         _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeout_s, fault,
                   forward_only, transport, measure_memory)
     except BaseException as exc:
-        torch.save({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f"{out_path}.{rank}")
+        _save_result({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f"{out_path}.{rank}")
         os._exit(1)  # skip teardown: peers may still hold posted operations with this rank
     teardown()
 
@@ -301,10 +317,10 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
                 scale = max(full.abs().max().item(), 1e-12)
                 worst_grad = max(worst_grad, (got - want).abs().max().item() / scale)
                 names.add(name)
-    torch.save({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
+    _save_result({"rank": rank, "grad": worst_grad, "loss": worst_loss, "losses": losses,
                 "names": sorted(names), "freed": schedule.freed_outputs,
                 "with_grad": with_grad, "digest": digest.hexdigest(), "peaks": peaks},
-               f"{out_path}.{rank}")
+              f"{out_path}.{rank}")
 
 
 def _silence_sends() -> None:
@@ -352,18 +368,14 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
                                      nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s * 2 + 60
         try:
-            while not context.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"ranks still running after {timeout_s * 2 + 60:.0f} s")
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
             _wait_all(context, deadline)
+        except TimeoutError:
+            raise TimeoutError(f"ranks still running after {timeout_s * 2 + 60:.0f} s") from None
         finally:
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
-        results = [torch.load(f"{out_path}.{r}", weights_only=False)
-                   if os.path.exists(f"{out_path}.{r}") else {"rank": r, "error": "no result"}
-                   for r in range(world)]
+        results = [_load_result(f"{out_path}.{r}", r) for r in range(world)]
         errors = [f"rank {r['rank']}: {r['error']}" for r in results if "error" in r]
         if errors:
             raise RuntimeError("; ".join(errors))

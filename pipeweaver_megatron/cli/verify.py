@@ -18,7 +18,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result = verify(args.model, args.schedule, args.pp, args.tp, args.batches, args.seed,
                         args.workload, args.tolerance, args.timeout,
                         transport=args.transport, memory_strategy=args.memory_strategy,
-                        dtype=args.dtype)
+                        dtype=args.dtype, sequence_parallel=args.sequence_parallel)
     except (RuntimeError, TimeoutError) as exc:  # a rank failed: its error names rank and op
         print(f"pipeweaver verify: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -33,7 +33,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           "loss_tolerance": result.loss_tolerance,
                           "forwards_with_memory_strategy": result.memory}))
     else:
-        print(f"{args.model}, {args.schedule}, PP={args.pp} TP={args.tp}, {len(result.losses)} "
+        sp = " SP" if args.sequence_parallel and args.tp > 1 else ""
+        print(f"{args.model}, {args.schedule}, PP={args.pp} TP={args.tp}{sp}, {len(result.losses)} "
               f"batches on {args.pp * args.tp} local processes (gloo, transport "
               f"{args.transport}) against one process")
         for i, (got, want) in enumerate(zip(result.losses, result.reference_losses)):
@@ -72,5 +73,8 @@ def add_parser(sub) -> None:
                         help="bfloat16: the chunks compute and the messages travel in bf16; "
                              "the run passes within 3x the difference the same model shows "
                              "in bf16 against fp32 in one process")
+    verify.add_argument("--sequence-parallel", action="store_true",
+                        help="with --tp > 1: megatron sequence parallelism in every module "
+                             "(each TP rank holds its rows of the hidden states and sends them)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_verify)

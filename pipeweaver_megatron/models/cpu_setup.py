@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ..config import ModuleSpec
+from .host_collectives import use_host_buffers
 from .layer_specs import layer_spec
 from .rng import seed_model_parallel
 from .transformer_config import transformer_config
@@ -43,6 +44,8 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 0,
                            f"{parallel_state.get_tensor_model_parallel_world_size()}, not {tp}")
     host = torch.device(torch.cpu.current_device())
     seed_model_parallel(seed, host if dev is None else dev)
+    if tp > 1 and (dev is None or dev.type == "cpu"):
+        use_host_buffers()  # sequence parallelism's gathers on the host (host_collectives.py)
 
 
 def init_single_process(seed: int = 0) -> None:

@@ -13,7 +13,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec as MegatronModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import ModelSpec
@@ -22,6 +21,8 @@ from .data import MicrobatchData
 from .language import (Flow, PartResult, axial_rope, build_layers, module_config, packed_params,
                        run_layers, seeded)
 from .layer_specs import layer_spec
+from .sequence_parallel import (SequenceParallelNorm, gather, layer_rng, local_rows, packed,
+                                pad_rows, scatter, whole_rows)
 
 TIME_FREQUENCIES = 256
 """Width of the sinusoidal diffusion-time features fed to the time embedding MLP."""
@@ -89,18 +90,20 @@ class DiTPart(nn.Module):
     Last part: ``final_norm`` and ``output`` predict the noise; the loss is the squared
     error averaged over each token's features and summed over tokens.
     Emits "hidden" [T_video, 1, H] and "cond" (a copy of the one received) until the last.
+    With sequence_parallel both are this rank's rows ([Note: sequence parallelism in the
+    chunks]); the cross-attention's linear_kv gathers the cond's.
     """
 
     def __init__(self, model: ModelSpec, name: str, first: int, last: int, *, tp: int,
                  params_dtype: torch.dtype, dropout: float, seed: int,
-                 use_te: bool = False) -> None:
+                 use_te: bool = False, sequence_parallel: bool = False) -> None:
         super().__init__()
         spec = model.module(name)
         video = spec.video
         self.first, self.head_dim = first, spec.head_dim
         self.is_last = last == spec.num_layers
         patch = video.latent_channels * video.patch_size**2
-        config = module_config(spec, tp, params_dtype, dropout)
+        self.config = config = module_config(spec, tp, params_dtype, dropout, sequence_parallel)
         if first == 0:
             with seeded(seed, name, "embed"):
                 self.patch_embed = nn.Linear(patch, spec.hidden_size, dtype=params_dtype)
@@ -110,13 +113,13 @@ class DiTPart(nn.Module):
         self.layers = build_layers(dit_layer_spec(model.condition_hidden(name), use_te), config,
                                    name, first, last, seed)
         if self.is_last:
-            self.final_norm = WrappedTorchNorm(config, spec.hidden_size,
-                                               eps=config.layernorm_epsilon)
+            self.final_norm = SequenceParallelNorm(config, spec.hidden_size,
+                                                   eps=config.layernorm_epsilon)
             with seeded(seed, name, "output"):
                 self.output = nn.Linear(spec.hidden_size, patch, dtype=params_dtype)
 
     def forward(self, flow: Flow, data: MicrobatchData) -> PartResult:
-        clips = data.clips
+        clips, config = data.clips, self.config
         cond = flow["cond"]
         lengths = torch.tensor(clips.lengths, dtype=torch.int64).to(cond.device)
         if self.first == 0:
@@ -126,26 +129,37 @@ class DiTPart(nn.Module):
             time = self.time_embed(time_features(clips.timesteps).to(weight.dtype))
             hidden = self.patch_embed(noisy.to(weight.dtype))
             hidden = (hidden + time.repeat_interleave(lengths, dim=0))[:, None, :]
+            hidden = scatter(hidden, config) if clips.lengths else hidden
         else:
             hidden = flow["hidden"]
-        if hidden.size(0) != sum(clips.lengths):
-            raise ValueError(f"DiT hidden states hold {hidden.size(0)} tokens, the "
-                             f"sub-microbatch's clips {sum(clips.lengths)}")
+        tokens, cond_tokens = sum(clips.lengths), data.text.tokens.numel()
+        if hidden.size(0) != local_rows(tokens, config):
+            raise ValueError(f"DiT hidden states hold {hidden.size(0)} rows, the "
+                             f"sub-microbatch's {tokens} clip tokens {local_rows(tokens, config)}")
+        if cond.size(0) != local_rows(cond_tokens, config):
+            raise ValueError(f"the cond holds {cond.size(0)} rows, the microbatch's "
+                             f"{cond_tokens} text tokens {local_rows(cond_tokens, config)}")
         if clips.lengths:  # a microbatch without clips only passes through (empty)
-            hidden = run_layers(self.layers, hidden,
-                                context=cond, context_mask=self._cond_mask(data, lengths),
-                                rotary_pos_emb=axial_rope(clips.positions, self.head_dim),
-                                packed_seq_params=packed_params(clips.cu_seqlens, clips.lengths))
+            cu_seqlens, packed_lengths = packed(clips.cu_seqlens, clips.lengths, config)
+            rope = pad_rows(axial_rope(clips.positions, self.head_dim), sum(packed_lengths))
+            with layer_rng(config):
+                hidden = run_layers(self.layers, hidden, context=cond,
+                                    context_mask=self._cond_mask(data, lengths, config),
+                                    rotary_pos_emb=rope,
+                                    packed_seq_params=packed_params(cu_seqlens, packed_lengths))
         if not self.is_last:
             return {"hidden": hidden, "cond": cond.clone()}, None, 0
-        predicted = self.output(self.final_norm(hidden))[:, 0, :]
+        hidden = gather(self.final_norm(hidden), tokens, config)
+        predicted = self.output(hidden)[:, 0, :]
         loss = (predicted.float() - clips.noise.float()).square().mean(dim=1).sum()
-        return {}, loss, int(sum(clips.lengths))
+        return {}, loss, int(tokens)
 
     @staticmethod
-    def _cond_mask(data: MicrobatchData, lengths: Tensor) -> Tensor:
+    def _cond_mask(data: MicrobatchData, lengths: Tensor, config: TransformerConfig) -> Tensor:
         """[1, 1, T_video, S] True where a clip token may not attend a cond token (the
-        cond token belongs to another sample)."""
+        cond token belongs to another sample); under sequence parallelism [1, 1,
+        T_video', S'] over the padded sequences, padding rows attending every cond row
+        (their outputs are dropped; a row attending nothing would make NaNs)."""
         clips, text = data.clips, data.text
         for clip, sample in zip(clips.indices, clips.samples):
             if text.sample_lengths[sample] == 0:
@@ -156,4 +170,10 @@ class DiTPart(nn.Module):
         owners = torch.arange(len(text.sample_lengths)).to(lengths.device)
         cond_sample = owners.repeat_interleave(
             torch.tensor(text.sample_lengths, dtype=torch.int64).to(lengths.device))
-        return (token_sample[:, None] != cond_sample[None, :])[None, None]
+        rows, cols = token_sample.numel(), cond_sample.numel()
+        token_sample = pad_rows(token_sample, whole_rows(rows, config))
+        cond_sample = torch.cat([cond_sample, cond_sample.new_full(
+            (whole_rows(cols, config) - cols,), -1)])
+        blocked = token_sample[:, None] != cond_sample[None, :]
+        blocked[rows:] = False
+        return blocked[None, None]

@@ -24,13 +24,14 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec as MegatronModuleSpec
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import ModelSpec, ModuleSpec
 from .data import MicrobatchData
 from .layer_specs import layer_spec
 from .rotary import PortableRotaryEmbedding
+from .sequence_parallel import (SequenceParallelNorm, layer_rng, local_rows, packed, pad_rows,
+                                scatter)
 from .transformer_config import transformer_config
 
 Flow = dict[str, Tensor]
@@ -113,10 +114,11 @@ def run_layers(layers: nn.ModuleDict, hidden: Tensor, **kwargs) -> Tensor:
     return hidden
 
 
-def module_config(spec: ModuleSpec, tp: int, params_dtype: torch.dtype,
-                  dropout: float) -> TransformerConfig:
+def module_config(spec: ModuleSpec, tp: int, params_dtype: torch.dtype, dropout: float,
+                  sequence_parallel: bool = False) -> TransformerConfig:
     """The module's TransformerConfig with all its layers (layer numbers are global)."""
-    return transformer_config(spec, tp=tp, params_dtype=params_dtype, dropout=dropout)
+    return transformer_config(spec, tp=tp, params_dtype=params_dtype, dropout=dropout,
+                              sequence_parallel=sequence_parallel)
 
 
 def first_param(module: nn.Module) -> Tensor:
@@ -132,12 +134,13 @@ class LanguageModelPart(nn.Module):
     causal decoder layers with RoPE, positions restarting in every packed sample. Last
     part: ``final_norm``, then with a head ``output_layer`` and the masked cross-entropy
     summed over tokens; without a head (text-to-video) it emits the normed hidden states
-    as "cond".
+    as "cond". With sequence_parallel the hidden states and the cond are this rank's
+    rows ([Note: sequence parallelism in the chunks]).
     """
 
     def __init__(self, model: ModelSpec, name: str, first: int, last: int, *, tp: int,
                  params_dtype: torch.dtype, dropout: float, seed: int,
-                 use_te: bool = False) -> None:
+                 use_te: bool = False, sequence_parallel: bool = False) -> None:
         super().__init__()
         spec = model.module(name)
         if not spec.untie_embeddings:
@@ -146,18 +149,18 @@ class LanguageModelPart(nn.Module):
         self.first, self.last = first, last
         self.has_head = model.has_head(name)
         self.is_last = last == spec.num_layers
-        config = module_config(spec, tp, params_dtype, dropout)
-        if first == 0:
+        self.config = config = module_config(spec, tp, params_dtype, dropout, sequence_parallel)
+        if first == 0:  # whole on every rank: the images go in before the scatter
             with seeded(seed, name, "embedding"):
                 self.embedding = LanguageModelEmbedding(
                     config, spec.vocab_size, model.parallel.microbatch_tokens,
-                    position_embedding_type="rope")
+                    position_embedding_type="rope", scatter_to_sequence_parallel=False)
         self.rotary = PortableRotaryEmbedding(spec.head_dim, 1.0, use_cpu_initialization=True)
         self.layers = build_layers(layer_spec(use_te, causal=True), config, name, first, last,
                                    seed)
         if self.is_last:
-            self.final_norm = WrappedTorchNorm(config, spec.hidden_size,
-                                               eps=config.layernorm_epsilon)
+            self.final_norm = SequenceParallelNorm(config, spec.hidden_size,
+                                                   eps=config.layernorm_epsilon)
             if self.has_head:
                 with seeded(seed, name, "output_layer"):
                     self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -167,25 +170,30 @@ class LanguageModelPart(nn.Module):
 
     def forward(self, flow: Flow, data: MicrobatchData) -> PartResult:
         text = data.text
+        config, length = self.config, text.tokens.numel()
         if self.first == 0:
             hidden = self.embedding(input_ids=text.tokens[None], position_ids=None)
             hidden = self._scatter_images(hidden, flow.get("image_embeds"), text.image_positions)
+            hidden = scatter(hidden, config)
         else:
             hidden = flow["hidden"]
-        if hidden.size(0) != text.tokens.numel():
-            raise ValueError(f"LM hidden states hold {hidden.size(0)} tokens, the microbatch "
-                             f"{text.tokens.numel()}")
+        if hidden.size(0) != local_rows(length, config):
+            raise ValueError(f"LM hidden states hold {hidden.size(0)} rows, the microbatch's "
+                             f"{length} tokens {local_rows(length, config)}")
         longest = max(text.sample_lengths, default=0)
         rope = self.rotary.get_emb(longest).to(hidden.device)[text.position_ids]
-        hidden = run_layers(self.layers, hidden, rotary_pos_emb=rope,
-                            packed_seq_params=packed_params(text.cu_seqlens, text.sample_lengths))
+        cu_seqlens, lengths = packed(text.cu_seqlens, text.sample_lengths, config)
+        with layer_rng(config):
+            hidden = run_layers(self.layers, hidden, rotary_pos_emb=pad_rows(rope, sum(lengths)),
+                                packed_seq_params=packed_params(cu_seqlens, lengths))
         if not self.is_last:
             return {"hidden": hidden}, None, 0
         hidden = self.final_norm(hidden)
         if not self.has_head:
             return {"cond": hidden}, None, 0
-        logits, _ = self.output_layer(hidden)
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), text.labels[:, None])
+        logits, _ = self.output_layer(hidden)  # under SP it gathers the rows first
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits[:length].float(),
+                                                               text.labels[:, None])
         return {}, (losses[:, 0] * text.loss_mask).sum(), text.loss_tokens
 
     @staticmethod

@@ -12,6 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec as MegatronModuleSpec
 
 from .attention import SDPAttention
+from .sequence_parallel import SequenceParallelNorm
 
 
 def te_usable() -> bool:
@@ -38,14 +39,17 @@ def layer_spec(use_te: bool | None = None, *, causal: bool = True) -> MegatronMo
         spec = get_gpt_layer_with_transformer_engine_spec()
         return _with_mask(spec, causal)
     # normalization="RMSNorm" selects WrappedTorchNorm, which builds LayerNorm or RMSNorm
-    # from the config (apex's FusedLayerNorm, the other choice, has no RMSNorm).
+    # from the config (apex's FusedLayerNorm, the other choice, has no RMSNorm); it
+    # refuses sequence parallelism, so the norms are SequenceParallelNorm, the same
+    # torch norm with its parameters marked for the tensor-parallel gradient sum.
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     attention = spec.submodules.self_attention
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules,
                                                   core_attention=SDPAttention))
-    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
-                                                                   self_attention=attention))
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, self_attention=attention, input_layernorm=SequenceParallelNorm,
+        pre_mlp_layernorm=SequenceParallelNorm))
     return _with_mask(spec, causal)
 
 

@@ -34,8 +34,11 @@ Runs under megatron-core's parallel_state with tensor parallelism tp. Layer spec
 True is megatron-core's Transformer Engine spec, False the local spec with SDPAttention
 (CPU + gloo or CUDA + NCCL alike), None (the default) TE when models.te_usable(). load_from
 shards a tp=1 reference for each TP rank and reads either spec's parameter names
-([Note: TE parameter names]). Sequence parallelism is not available: the local spec's
-norms (WrappedTorchNorm) refuse it. Build chunks on the host and move them with
+([Note: TE parameter names]). sequence_parallel (with tp > 1) runs every module
+sequence-parallel, its hidden states and messages being each rank's rows
+([Note: sequence parallelism in the chunks] in models/sequence_parallel.py); gradients of
+parameters marked ``sequence_parallel`` are then partial over tensor parallelism until
+all_reduce_sequence_parallel_grads. Build chunks on the host and move them with
 ``.to(device)``; data follows with MicrobatchData.to.
 
 [Note: LLaVA chunks] With ``recipe=`` (a models.llava.LlavaRecipe) the parts are
@@ -110,9 +113,6 @@ class LMMChunk(nn.Module):
                  dropout: float = 0.0, seed: int = 0, use_te: bool | None = None,
                  recipe: LlavaRecipe | None = None) -> None:
         super().__init__()
-        if sequence_parallel:
-            raise ValueError("sequence parallelism is not supported: megatron-core's local "
-                             "layer spec (WrappedTorchNorm) refuses it")
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError("parallel_state is not initialised; call init_single_process "
                                "or init_parallel first")
@@ -123,8 +123,12 @@ class LMMChunk(nn.Module):
         check_parts(model, parts)
         self.model, self.parts, self.tp, self.recipe = model, parts, tp, recipe
         self.use_te = te_usable() if use_te is None else use_te
+        self.sequence_parallel = sequence_parallel and tp > 1
         options = dict(tp=tp, params_dtype=params_dtype, dropout=dropout, seed=seed,
-                       use_te=self.use_te)
+                       use_te=self.use_te, sequence_parallel=self.sequence_parallel)
+        if recipe is not None and sequence_parallel:
+            raise ValueError("LLaVA chunks take sequence parallelism from the recipe's "
+                             "language config, not from sequence_parallel=")
         if recipe is not None:
             _check_recipe(model, recipe, tp)
         for part in parts:

@@ -12,7 +12,8 @@ from ..config import ModuleKind, ModuleSpec
 
 def transformer_config(spec: ModuleSpec, *, tp: int = 1, num_layers: int | None = None,
                        params_dtype: torch.dtype = torch.float32, dropout: float = 0.0,
-                       init_std: float = 0.02) -> TransformerConfig:
+                       init_std: float = 0.02, sequence_parallel: bool = False
+                       ) -> TransformerConfig:
     """The TransformerConfig of one transformer module (vision encoder, LM, generator).
 
     The LM uses RMSNorm, no linear biases and (with gated_mlp) SwiGLU; vision encoders
@@ -20,6 +21,7 @@ def transformer_config(spec: ModuleSpec, *, tp: int = 1, num_layers: int | None 
     too). Weights are created on the host (use_cpu_initialization) and moved by the
     caller; every fused kernel that needs CUDA, apex or Transformer Engine is off, so
     the same config runs on CPU and GPU. num_layers defaults to the module's layers.
+    sequence_parallel takes effect with tp > 1 (models/sequence_parallel.py).
     """
     if not spec.is_transformer:
         raise ValueError(f"module {spec.name!r} is a {spec.kind.value}, not a transformer stack")
@@ -34,7 +36,7 @@ def transformer_config(spec: ModuleSpec, *, tp: int = 1, num_layers: int | None 
         num_query_groups=spec.query_groups,
         kv_channels=spec.head_dim,
         tensor_model_parallel_size=tp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel and tp > 1,
         normalization="RMSNorm" if is_lm else "LayerNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=spec.gated_mlp,

@@ -50,6 +50,9 @@ class IterationPlan:
     memory: tuple[MemoryChoice, ...] = ()
     """(stage, microbatch, sub, recompute layers, offload layers) of every forward that
     does not keep all its activations, sorted (absent: keep them all)."""
+    sequence_parallel: bool = False
+    """The chunks run sequence-parallel (tp > 1): hidden-state messages are each TP
+    rank's ceil(n / tp) rows (planner.messages)."""
 
     @property
     def content_hash(self) -> str:
@@ -57,7 +60,8 @@ class IterationPlan:
                            "samples": [[s.sample_id for s in mb.samples]
                                        for mb in self.batch.microbatches],
                            "members": self.members, "dtype": self.dtype, "tp": self.tp,
-                           **({"memory": self.memory} if self.memory else {})},
+                           **({"memory": self.memory} if self.memory else {}),
+                           **({"sequence_parallel": True} if self.sequence_parallel else {})},
                           sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -116,10 +120,12 @@ def memory_choices(strategies: Mapping | None) -> tuple[MemoryChoice, ...]:
 
 def plan_iteration(model: ModelSpec, table: ScheduleTable, batch: GlobalBatch, rules: TokenRules,
                    dtype: str = "float32", tp: int = 1, members: Members | None = None,
-                   timeline: SimResult | None = None, strategies: Mapping | None = None
-                   ) -> IterationPlan:
+                   timeline: SimResult | None = None, strategies: Mapping | None = None,
+                   sequence_parallel: bool = False) -> IterationPlan:
     """Compile a table for one batch (shapes from the batch's metadata); strategies:
-    the planner's MemoryPlan.strategies, carried to the runtime."""
+    the planner's MemoryPlan.strategies, carried to the runtime; sequence_parallel: the
+    run's chunks shard hidden states over tp (taken only with tp > 1)."""
+    sequence_parallel = sequence_parallel and tp > 1
     if len(batch.microbatches) != table.num_microbatches:
         raise ValueError(f"the table has {table.num_microbatches} microbatches, the batch "
                          f"{len(batch.microbatches)}")
@@ -129,8 +135,10 @@ def plan_iteration(model: ModelSpec, table: ScheduleTable, batch: GlobalBatch, r
     def shapes_of(src: int, dst: int, m: int, sub: int):
         module = layout.stages[src].parts[0].module
         chosen = split[module][m][sub] if module in split else None
-        return stage_outputs(model, layout, src, batch.microbatches[m], chosen, rules, dtype, tp)
+        return stage_outputs(model, layout, src, batch.microbatches[m], chosen, rules, dtype, tp,
+                             sequence_parallel)
 
     execution = compile_table(table, shapes_of, timeline)
     return IterationPlan(table=table, execution=execution, batch=batch, members=split,
-                         dtype=dtype, tp=tp, memory=memory_choices(strategies))
+                         dtype=dtype, tp=tp, memory=memory_choices(strategies),
+                         sequence_parallel=sequence_parallel)

@@ -210,7 +210,8 @@ class RankExecutor:
         module = layout.stages[action.stage].parts[0].module
         members = plan.sub_members(module, action.microbatch, action.sub)
         return stage_inputs(self.model, layout, action.stage, plan.batch.microbatches[action.microbatch],
-                            members, self.rules, plan.dtype, plan.tp, subs=plan.subs_of(action.microbatch))
+                            members, self.rules, plan.dtype, plan.tp, plan.sequence_parallel,
+                            subs=plan.subs_of(action.microbatch))
 
     def _forward(self, action: Action) -> None:
         layout, m = self.plan.table.layout, action.microbatch

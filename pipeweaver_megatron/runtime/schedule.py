@@ -140,6 +140,14 @@ def _check(plan: IterationPlan, rank: int, stages: list[int], chunks: list, coun
     for index, op in enumerate(plan.execution.ranks[rank].ops):
         if not isinstance(op, KNOWN_OPS):
             raise ExecutionError(f"rank {rank}, op {index}: unknown op {op!r}")
+    for chunk in chunks:
+        while hasattr(chunk, "module") and not hasattr(chunk, "sequence_parallel"):
+            chunk = chunk.module  # DDP / Float16Module wrappers
+        runs = getattr(chunk, "sequence_parallel", plan.sequence_parallel)
+        if runs != plan.sequence_parallel:
+            raise ExecutionError(f"rank {rank}: the plan's messages are "
+                                 f"{'' if plan.sequence_parallel else 'not '}sequence-parallel, "
+                                 f"the chunks {'are' if runs else 'are not'}")
 
 
 def _config(chunk):

@@ -106,21 +106,24 @@ def forced_memory(plan: IterationPlan, model, strategy: str) -> IterationPlan:
 
 def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int | list, seed: int,
                 dataset: str | None = None, sub_size: dict[str, int] | None = None,
-                memory_strategy: str = "planned", dtype: str = "float32"
-                ) -> tuple[list[IterationPlan], object]:
+                memory_strategy: str = "planned", dtype: str = "float32",
+                sequence_parallel: bool = False) -> tuple[list[IterationPlan], object]:
     """The iteration plans of `batches` sampled global batches (or of the GlobalBatches
     given) on pp ranks; sub_size overrides the partitioner's sub-microbatch sizes;
-    memory_strategy: see MEMORY_STRATEGIES."""
+    memory_strategy: see MEMORY_STRATEGIES; sequence_parallel (tp > 1): the chunks run
+    sequence-parallel, messages carry each TP rank's rows, SEMU prices it so."""
     if memory_strategy not in MEMORY_STRATEGIES:
         raise ValueError(f"unknown memory strategy {memory_strategy!r}; known: "
                          + ", ".join(MEMORY_STRATEGIES))
-    model = load_model(model_name)
+    sequence_parallel = sequence_parallel and tp > 1
+    model = load_model(model_name, {"sequence_parallel": sequence_parallel})
     rules = TokenRules.from_model(model)
     sampled = batches if isinstance(batches, list) else \
         sample_workload(model, dataset or model.dataset, batches, seed)
     plans = []
     if schedule == "pipeweaver":
-        costs = CostModel(model, get_hardware(model.hardware))
+        costs = CostModel(model, get_hardware(model.hardware), tp=tp,
+                          sequence_parallel=sequence_parallel)
         chunks = partition(costs, num_ranks=pp, reference=sampled[0])
         if sub_size:
             chunks = replace(chunks, sub_size={**chunks.sub_size, **sub_size})
@@ -130,9 +133,11 @@ def build_plans(model_name: str, schedule: str, pp: int, tp: int, batches: int |
             plans.append(plan_iteration(model, result.table, batch, rules, dtype=dtype, tp=tp,
                                         members=result.sub_microbatches.members,
                                         timeline=result.simulation,
-                                        strategies=result.memory.strategies))
+                                        strategies=result.memory.strategies,
+                                        sequence_parallel=sequence_parallel))
     else:
-        plans = [fallback_plan(model, batch, rules, schedule, pp, tp, dtype) for batch in sampled]
+        plans = [fallback_plan(model, batch, rules, schedule, pp, tp, dtype, sequence_parallel)
+                 for batch in sampled]
     return [forced_memory(p, model, memory_strategy) for p in plans], model
 
 
@@ -251,6 +256,7 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
     from ..models.data import microbatch_data
     from ..models.lmm import shard
     from ..models.precision import keep_fp32_grads, main_grad, zero_main_grads
+    from ..models.sequence_parallel import all_reduce_sequence_parallel_grads
     from .lmm_step import lmm_forward_step
     from .schedule import PipeWeaverSchedule
 
@@ -263,6 +269,7 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
     layout = plans[0].table.layout
     stages = [s.index for s in layout.stages_of_rank(p_rank)]
     chunks = [stage_chunk(model, layout, s, tp=tp, seed=seed, use_te=False,  # gloo: the host
+                          sequence_parallel=plans[0].sequence_parallel,
                           params_dtype=DTYPES[plans[0].dtype])
               .load_from(reference["state"]) for s in stages]
     kept = [p for chunk in chunks for p in keep_fp32_grads(chunk)]
@@ -296,6 +303,9 @@ def _run_rank(rank, model, plans, tp, pp, seed, reference_path, out_path, timeou
         data = iter([microbatch_data(model, mb, rules, seed) for mb in plan.batch.microbatches])
         reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data, model=chunks,
                            num_microbatches=plan.table.num_microbatches, forward_only=forward_only)
+        if not forward_only:  # megatron's finalize_model_grads: the SP norms' partial sums
+            all_reduce_sequence_parallel_grads((p for c in chunks for p in c.parameters()),
+                                               main_grad)
         if measure_memory:
             peaks.append((schedule.saved_bytes.peak_device, schedule.saved_bytes.peak_host))
         total = sum(float(r["loss"][0]) for r in reports)
@@ -337,9 +347,11 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
            timeout_s: float = 120.0, sub_size: dict[str, int] | None = None,
            fault: str | None = None, forward_only: bool = False,
            transport: str = "tags", memory_strategy: str = "planned",
-           measure_memory: bool = False, dtype: str = "float32") -> VerifyResult:
+           measure_memory: bool = False, dtype: str = "float32",
+           sequence_parallel: bool = False) -> VerifyResult:
     """Run the comparison (see the module docstring); batches: a count to sample, or
-    GlobalBatches; transport: runtime/p2p.py's mode (nccl-order: NCCL's rules on gloo).
+    GlobalBatches; transport: runtime/p2p.py's mode (nccl-order: NCCL's rules on gloo);
+    sequence_parallel: megatron sequence parallelism in every module (tp > 1).
     Raises RuntimeError (with the failing rank's error) when a rank fails."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
@@ -349,7 +361,7 @@ def verify(model_name: str, schedule: str, pp: int, tp: int = 1, batches: int | 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     plans, model = build_plans(model_name, schedule, pp, tp, batches, seed, dataset, sub_size,
-                               memory_strategy, dtype)
+                               memory_strategy, dtype, sequence_parallel)
     batches = len(plans)
     reference = reference_run(model, plans, seed, dtype)
     loss_tolerance = grad_tolerance = tolerance

@@ -44,11 +44,13 @@ def baseline_table(model: ModelSpec, schedule: str, num_microbatches: int,
 
 
 def fallback_plan(model: ModelSpec, batch: GlobalBatch, rules: TokenRules, schedule: str,
-                  pp: int, tp: int = 1, dtype: str = "float32") -> IterationPlan:
+                  pp: int, tp: int = 1, dtype: str = "float32",
+                  sequence_parallel: bool = False) -> IterationPlan:
     """The iteration plan of `schedule` ("megatron-1f1b" or "megatron-interleaved") for
     one batch: the cached table, compiled with the batch's shapes."""
     table = baseline_table(model, schedule, len(batch.microbatches), pp)
-    return plan_iteration(model, table, batch, rules, dtype=dtype, tp=tp)
+    return plan_iteration(model, table, batch, rules, dtype=dtype, tp=tp,
+                          sequence_parallel=sequence_parallel)
 
 
 STATIC = SearchSettings(reorder=False, memory_optimization=False)
@@ -56,9 +58,11 @@ STATIC = SearchSettings(reorder=False, memory_optimization=False)
 
 
 def static_plan(costs: CostModel, chunks: ChunkPlan, batch: GlobalBatch, rules: TokenRules,
-                tp: int = 1, dtype: str = "float32") -> IterationPlan:
+                tp: int = 1, dtype: str = "float32", sequence_parallel: bool = False
+                ) -> IterationPlan:
     """The fallback of a PipeWeaver run: its own layout, the static order (see above)."""
     result = PipeWeaverPlanner(costs, chunks, STATIC).plan(batch, 0.0, 0)
     return plan_iteration(costs.model, result.table, batch, rules, dtype=dtype, tp=tp,
                           members=result.sub_microbatches.members,
-                          strategies=result.memory.strategies)
+                          strategies=result.memory.strategies,
+                          sequence_parallel=sequence_parallel)

@@ -62,6 +62,7 @@ class PlannerService:
         self.settings = settings
         run = settings.resolve()
         self.model, self.rules, self.pp, self.tp = run.model, run.rules, run.pp, run.tp
+        self.sequence_parallel = run.sequence_parallel
         self.chunks = None
         """The run's ChunkPlan (pipeweaver), cut once in start()."""
         self.costs = None
@@ -153,9 +154,9 @@ class PlannerService:
         s = self.settings
         if self.chunks is not None:
             return static_plan(self.costs, self.chunks, batch, self.rules, self.tp,
-                               s.dtype), "static-order"
+                               s.dtype, self.sequence_parallel), "static-order"
         return fallback_plan(self.model, batch, self.rules, s.fallback, self.pp, self.tp,
-                             s.dtype), s.fallback
+                             s.dtype, self.sequence_parallel), s.fallback
 
     def stats(self) -> ServiceStats:
         board = self._board

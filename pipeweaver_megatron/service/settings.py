@@ -41,6 +41,9 @@ class ServiceSettings:
     """Pipeline ranks; None: the model's."""
     tp: int | None = None
     """Tensor-parallel size (message shapes); None: the model's."""
+    sequence_parallel: bool = False
+    """The run's chunks are sequence-parallel (with tp > 1): messages carry each TP
+    rank's rows and SEMU prices it so, whatever the model file says."""
     dtype: str = "float32"
     """Activation dtype name of the messages."""
     schedule: str = PIPEWEAVER
@@ -102,8 +105,9 @@ class ServiceSettings:
         """The model spec with the run's parallel overrides, its token rules, and the
         pipeline and tensor-parallel sizes (the model's where the settings leave them)."""
         model = load_model(self.model, self.parallel)
-        return RunModel(model, TokenRules.from_model(model), self.pp or model.parallel.pp,
-                        self.tp or model.parallel.tp)
+        tp = self.tp or model.parallel.tp
+        return RunModel(model, TokenRules.from_model(model), self.pp or model.parallel.pp, tp,
+                        self.sequence_parallel and tp > 1)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class RunModel:
     rules: TokenRules
     pp: int
     tp: int
+    sequence_parallel: bool = False
 
 
 Source = Literal["planner", "fallback"]

@@ -51,11 +51,12 @@ def encode_plan(iteration: int, plan: IterationPlan, **info: Any) -> bytes:
                   execution=plan.execution.to_json(),
                   microbatches=[list(mb.sample_ids) for mb in plan.batch.microbatches],
                   members=plan.members, dtype=plan.dtype, tp=plan.tp,
+                  sequence_parallel=plan.sequence_parallel,
                   memory=[list(c) for c in plan.memory], info=info)
 
 
 def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype: str,
-              tp: int) -> IterationPlan:
+              tp: int, sequence_parallel: bool = False) -> IterationPlan:
     """The checked IterationPlan of a plan message for `batch` (see the module note)."""
     try:
         if message.get("schema_version") != WIRE_VERSION:
@@ -72,6 +73,9 @@ def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype
             raise ValueError("memory: entries are [stage, microbatch, sub, recompute, offload]")
         sent_hash = str(message["hash"])
         got_dtype, got_tp = str(message["dtype"]), int(message["tp"])
+        got_sp = message.get("sequence_parallel", False)
+        if not isinstance(got_sp, bool):
+            raise ValueError(f"sequence_parallel {got_sp!r} is not a boolean")
     except (KeyError, TypeError, ValueError, AttributeError, ScheduleFormatError,
             PlanFormatError) as exc:
         raise InvalidPlan(f"unreadable: {_first_line(exc)}") from None
@@ -81,8 +85,10 @@ def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype
                           f"{len(batch.microbatches)}")
     if table.layout != layout:
         raise InvalidPlan("the table's layout is not the run's")
-    if (got_dtype, got_tp) != (dtype, tp):
-        raise InvalidPlan(f"dtype {got_dtype} tp {got_tp}, expected dtype {dtype} tp {tp}")
+    sequence_parallel = sequence_parallel and tp > 1
+    if (got_dtype, got_tp, got_sp) != (dtype, tp, sequence_parallel):
+        raise InvalidPlan(f"dtype {got_dtype} tp {got_tp} sequence_parallel {got_sp}, expected "
+                          f"dtype {dtype} tp {tp} sequence_parallel {sequence_parallel}")
     _check_members(members, table)
     for stage, m, sub, _, _ in memory:
         if stage >= table.layout.num_stages or m >= table.num_microbatches \
@@ -94,7 +100,7 @@ def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype
     except (ScheduleValidationError, PlanCheckError) as exc:
         raise InvalidPlan(_first_line(exc)) from None
     plan = IterationPlan(table=table, execution=execution, batch=batch, members=members,
-                         dtype=dtype, tp=tp, memory=memory)
+                         dtype=dtype, tp=tp, memory=memory, sequence_parallel=sequence_parallel)
     if plan.content_hash != sent_hash:
         raise InvalidPlan(f"hash mismatch: sent {sent_hash[:12]}, "
                           f"content {plan.content_hash[:12]}")

@@ -37,7 +37,8 @@ def make_costs(settings: ServiceSettings, model: ModelSpec) -> CostModel:
     if settings.dtype in DTYPE_BYTES:
         hardware = replace(hardware, dtype_bytes=DTYPE_BYTES[settings.dtype])
     calibration = load_calibration(settings.calibration) if settings.calibration else None
-    return CostModel(model, hardware, calibration=calibration, tp=settings.tp or model.parallel.tp)
+    return CostModel(model, hardware, calibration=calibration, tp=settings.tp or model.parallel.tp,
+                     sequence_parallel=settings.sequence_parallel)
 
 
 class BatchPlanner:
@@ -47,6 +48,7 @@ class BatchPlanner:
         self.settings = settings
         run = settings.resolve()
         self.model, self.rules, self.pp, self.tp = run.model, run.rules, run.pp, run.tp
+        self.sequence_parallel = run.sequence_parallel
         self.planner = None
         if settings.schedule == PIPEWEAVER:
             if chunks is None:
@@ -60,13 +62,13 @@ class BatchPlanner:
         started = time.perf_counter()
         if self.planner is None:
             plan = fallback_plan(self.model, batch, self.rules, self.settings.schedule, self.pp,
-                                 self.tp, self.settings.dtype)
+                                 self.tp, self.settings.dtype, self.sequence_parallel)
             return plan, {"planning_ms": (time.perf_counter() - started) * 1000}
         budget = self.settings.budget_ms if self.settings.max_evaluations is None else UNLIMITED_MS
         result = self.planner.plan(batch, budget, self.settings.seed + iteration)
         plan = plan_iteration(self.model, result.table, batch, self.rules, self.settings.dtype,
                               self.tp, result.sub_microbatches.members, result.simulation,
-                              result.memory.strategies)
+                              result.memory.strategies, self.sequence_parallel)
         return plan, {"planning_ms": (time.perf_counter() - started) * 1000,
                       "predicted_iteration_time_s": result.predicted_iteration_time_s,
                       "predicted_bubble_ratio": result.simulation.bubble_ratio,

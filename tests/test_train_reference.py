@@ -1,6 +1,7 @@
 """scripts/pretrain_lmm.py against one process training the same global batches: PP 3
-and PP 4 with PipeWeaver plans, and PP 2 x DP 2 (gradients after the data-parallel
-reduction, with gradient clipping against torch.nn.utils.clip_grad_norm_).
+and PP 4 with PipeWeaver plans, PP 2 x DP 2 (gradients after the data-parallel
+reduction, with gradient clipping against torch.nn.utils.clip_grad_norm_), and TP 2 x
+PP 2 with sequence parallelism (the TP ranks' gradient shards joined).
 
 The reference here is the whole model in this process (build_reference: every layer
 seeded as the chunks are), fed the batches each replica samples, with per-token loss,
@@ -81,20 +82,58 @@ def reference(model_name: str, parallel: dict, iterations: int, clip: float = 0.
         teardown()
 
 
+def joined_gradients(grads_dir: Path, it: int, ranks: int) -> list[dict]:
+    """Per (pipeline rank, data-parallel rank): its gradients with the tensor-parallel
+    shards joined back into whole tensors along the dimension each rank's shards file
+    names (a gated fc1: gate halves, then up halves). A parameter that is not split
+    (norms, sequence-parallel ones included) must hold the same gradient on every TP
+    rank, which is what the tensor-parallel reduction of the norms' partial sums
+    guarantees; the first TP rank's is taken."""
+    groups: dict = {}
+    for rank in range(ranks):
+        info = json.loads((grads_dir / f"rank_{rank:04d}_shards.json").read_text())
+        got = torch.load(grads_dir / f"iter_{it:07d}_rank_{rank:04d}.pt")
+        groups.setdefault((info["pp_rank"], info["dp_rank"]), []).append((info, got))
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda m: m[0]["tp_rank"])
+        info = members[0][0]
+        whole = {}
+        for name in members[0][1]:
+            shards = [g[name] for _, g in members]
+            if any(x is None for x in shards):
+                assert all(x is None for x in shards), name
+                whole[name] = None
+            elif name not in info["partition_dim"]:
+                for other in shards[1:]:
+                    assert torch.equal(other, shards[0]), f"{name} differs over TP ranks"
+                whole[name] = shards[0]
+            else:
+                dim = info["partition_dim"][name]
+                if name in info["gated"]:
+                    halves = [x.chunk(2, dim=dim) for x in shards]
+                    whole[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
+                else:
+                    whole[name] = torch.cat(shards, dim=dim)
+        out.append(whole)
+    return out
+
+
 def compare_gradients(grads_dir: Path, ranks: int, want: list) -> None:
     """Largest |run - reference| per element, relative to each parameter's largest
-    reference gradient, over every rank; every parameter is covered. The first
-    iteration's gradients agree to rounding (1e-5). Later ones get 1e-3: Adam's first
-    update is lr * sign(g) per element, so an element whose gradient is rounding noise
-    moves by +-lr in either run, and the next gradients differ by about 1e-4."""
+    reference gradient, over every rank (tensor-parallel shards joined); every parameter
+    is covered. The first iteration's gradients agree to rounding (1e-5). Later ones get
+    1e-3: Adam's first update is lr * sign(g) per element, so an element whose gradient
+    is rounding noise moves by +-lr in either run, and the next gradients differ by
+    about 1e-4."""
     seen = set()
     for it, (_, grads, _) in enumerate(want):
         worst = 0.0
-        for rank in range(ranks):
-            got = torch.load(grads_dir / f"iter_{it:07d}_rank_{rank:04d}.pt")
+        for got in joined_gradients(grads_dir, it, ranks):
             for name, grad in got.items():
                 full = grads[name]
                 grad = torch.zeros_like(full) if grad is None else grad
+                assert grad.shape == full.shape, (name, grad.shape, full.shape)
                 scale = max(full.abs().max().item(), 1e-12)
                 worst = max(worst, (grad - full).abs().max().item() / scale)
                 seen.add(name)
@@ -128,5 +167,21 @@ def test_data_parallel_gradients_after_the_reduction_and_clipping_equal_one_proc
     want = reference("tiny-vlm", {"tp": 1, "pp": 2, "dp": 2, "global_batch_size": 4}, iterations,
                      clip)
     assert all(norm > clip for _, _, norm in want)  # clipping acts in every iteration
+    assert [r["loss"] for r in records] == pytest.approx([w[0] for w in want], rel=1e-5)
+    compare_gradients(grads, 4, want)
+
+
+@pytest.mark.parametrize("model,port", [("tiny-vlm", 29925), ("tiny-t2v", 29926)])
+def test_sequence_parallel_training_at_tp2_pp2_equals_one_process(tmp_path, model, port):
+    """TP 2 x PP 2 with --sequence-parallel: every module runs on its TP rank's rows of
+    the sequence, messages are those rows; losses and the joined gradients (the norms'
+    equal on both TP ranks after their reduction) equal one process's."""
+    iterations = 2
+    records, grads = train(tmp_path, "sp", model, 4, "--pipeline-model-parallel-size", "2",
+                           "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                           "--train-iters", str(iterations), port=port)
+    assert not any(r["fallback"] for r in records), records
+    parallel = {"tp": 2, "pp": 2, "dp": 1, "sequence_parallel": True}
+    want = reference(model, parallel, iterations)
     assert [r["loss"] for r in records] == pytest.approx([w[0] for w in want], rel=1e-5)
     compare_gradients(grads, 4, want)

@@ -157,12 +157,17 @@ def _megatron_core_training(chunks: list, args) -> Training:
 def finalize_pipeweaver_grads(model: list, num_tokens: torch.Tensor | None = None,
                               pg_collection=None, force_all_reduce: bool | None = False) -> None:
     """Megatron's finalize_model_grads_func for PipeWeaver layouts: finish the DP
-    reduction of every chunk, then divide by the loss tokens of the whole global batch
+    reduction of every chunk, sum the sequence-parallel norms' gradients over TP (as
+    finalize_model_grads does), then divide by the loss tokens of the whole global batch
     (see [Note: loss tokens over the pipeline])."""
     from megatron.core import parallel_state
 
+    from ..models.precision import main_grad
+    from ..models.sequence_parallel import all_reduce_sequence_parallel_grads
+
     for chunk in model:
         chunk.finish_grad_sync(force_all_reduce=force_all_reduce)
+    all_reduce_sequence_parallel_grads((p for c in model for p in c.parameters()), main_grad)
     if num_tokens is None:
         return
     groups = (parallel_state.get_pipeline_model_parallel_group(),
@@ -177,14 +182,17 @@ def finalize_pipeweaver_grads(model: list, num_tokens: torch.Tensor | None = Non
 
 
 def reduce_host_gradients(params: list, tokens: float, dp_group) -> None:
-    """Per-token gradients: sum over data parallelism, divide by all loss tokens."""
+    """Per-token gradients: the sequence-parallel norms' partial sums over TP, the sum
+    over data parallelism, divided by all loss tokens."""
+    from ..models.precision import main_grad
+    from ..models.sequence_parallel import all_reduce_sequence_parallel_grads
+
+    all_reduce_sequence_parallel_grads(params, main_grad)
     world = dist.get_world_size(dp_group)
     if world > 1:
         count = torch.tensor([tokens], dtype=torch.float64, device=params[0].device)
         dist.all_reduce(count, group=dp_group)
         tokens = float(count.item())
-    from ..models.precision import main_grad
-
     for p in params:
         grad = main_grad(p)
         if grad is None:

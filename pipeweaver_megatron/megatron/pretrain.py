@@ -33,6 +33,9 @@ def parse(argv=None) -> argparse.Namespace:
                         help="megatron-core's distributed optimizer (CUDA)")
     parser.add_argument("--clip-grad", type=float, default=0.0,
                         help="clip the global gradient norm to this (0: off)")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="with TP > 1: megatron sequence parallelism in every module "
+                             "(norms and activations between layers sharded over TP)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--bf16", action="store_true",
                         help="chunks compute and stages exchange activations in bfloat16; "

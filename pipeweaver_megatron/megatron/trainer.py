@@ -170,7 +170,9 @@ def train(args) -> list[dict]:
         stages = [s.index for s in layout.stages_of_rank(topo.p_rank)]
         dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
         chunks = [stage_chunk(model, layout, s, tp=topo.tp, seed=args.seed, params_dtype=dtype,
-                              use_te=use_te_flag(args)).to(topo.device) for s in stages]
+                              use_te=use_te_flag(args),
+                              sequence_parallel=model.parallel.sequence_parallel)
+                  .to(topo.device) for s in stages]
         training = build_training(chunks, args, topo.device)
         start, extras = 0, {}
         if args.load:
@@ -198,7 +200,7 @@ def train(args) -> list[dict]:
             loss, tokens = _loss(reports, pp_group, topo.device)
             training.reduce(tokens, parallel_state.get_data_parallel_group(), args.clip_grad)
             if getattr(args, "pipeweaver_save_grads", None):
-                save_gradients(args.pipeweaver_save_grads, iteration, topo.rank, chunks)
+                save_gradients(args.pipeweaver_save_grads, iteration, topo, chunks)
             training.step()
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
@@ -243,18 +245,31 @@ def _save_fault(args, iteration: int, rank: int):
     return crash
 
 
-def save_gradients(directory: str, iteration: int, rank: int, chunks: list) -> None:
+def save_gradients(directory: str, iteration: int, topo: Topology, chunks: list) -> None:
     """--pipeweaver-save-grads: this rank's reduced gradients by parameter name (fp32
-    main_grad on the megatron-core path, before its optimizer clips)."""
+    main_grad on the megatron-core path, before its optimizer clips), and once per rank
+    ``rank_<r>_shards.json``: its TP / PP / DP ranks and how each tensor-parallel
+    parameter is split (partition_dim; gated fc1s split gate and up halves apart), so a
+    reader can join the TP ranks' shards."""
     from ..models.precision import main_grad
 
     os.makedirs(directory, exist_ok=True)
-    grads = {}
+    grads, split, gated = {}, {}, []
     for chunk in chunks:
+        inner = getattr(chunk, "module", chunk)
         for name, param in chunk.named_parameters():
             grad = main_grad(param)
             grads[name] = None if grad is None else grad.detach().float().clone()
-    torch.save(grads, os.path.join(directory, f"iter_{iteration:07d}_rank_{rank:04d}.pt"))
+            if getattr(param, "tensor_model_parallel", False) and topo.tp > 1:
+                split[name] = int(param.partition_dim)
+                if hasattr(inner, "_gated") and inner._gated(name):
+                    gated.append(name)
+    torch.save(grads, os.path.join(directory, f"iter_{iteration:07d}_rank_{topo.rank:04d}.pt"))
+    shards = os.path.join(directory, f"rank_{topo.rank:04d}_shards.json")
+    if not os.path.exists(shards):
+        with open(shards, "w") as f:
+            json.dump({"tp_rank": topo.t_rank, "tp": topo.tp, "pp_rank": topo.p_rank,
+                       "dp_rank": topo.d_rank, "partition_dim": split, "gated": gated}, f)
 
 
 def _data_source(args, model: ModelSpec, topo: Topology, extras: dict, start: int):

@@ -49,8 +49,10 @@ class VirtualStagesError(ValueError):
 def spec_overrides(args: argparse.Namespace, tp: int, pp: int, dp: int) -> dict[str, int]:
     """The model spec's parallel settings as the run's flags set them: the parallel
     sizes, and --global-batch-size / --seq-length as the microbatches per iteration and
-    the packing budget."""
-    parallel = {"tp": tp, "pp": pp, "dp": dp}
+    the packing budget, and --sequence-parallel (taken with TP > 1; the flag decides,
+    not the model file)."""
+    parallel = {"tp": tp, "pp": pp, "dp": dp,
+                "sequence_parallel": bool(getattr(args, "sequence_parallel", False)) and tp > 1}
     if args.global_batch_size:
         parallel["global_batch_size"] = args.global_batch_size
     if args.seq_length:
@@ -101,6 +103,7 @@ def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[
         model=model_file or args.pipeweaver_model_config, parallel=dict(parallel),
         dtype=message_dtype(args), hardware=hardware
         or model.hardware, calibration=args.pipeweaver_calibration, pp=pp, tp=tp,
+        sequence_parallel=bool(parallel.get("sequence_parallel", False)),
         schedule=args.pipeweaver_schedule, budget_ms=args.pipeweaver_search_budget_ms,
         workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
         fallback=args.pipeweaver_fallback,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
-from ..config import HardwareProfile, ModelSpec
+from ..config import HardwareProfile, ModelSpec, ModuleKind
 from ..ir import Layout, Part
 from .calibration import Calibration
 from .graph import Parallel, PartGraph, part_graph
@@ -155,6 +155,28 @@ class CostModel:
         return [part_graph(self.model, p.module, p.first_layer, p.last_layer,
                            shapes.get(p.module, _EMPTY), self.parallel) for p in parts]
 
+    def _output_bytes(self, parts: Sequence[Part], graphs: Sequence[PartGraph],
+                      shapes: Mapping[str, ModuleShape]) -> float:
+        """The payload a stage sends downstream, as planner.messages shapes it: the last
+        part's output over the sequence (each TP rank's ceil(n / tp) rows under sequence
+        parallelism; the projector's merged tokens whole), and the cond a DiT stage
+        passes on where the shapes hold the LM's (the whole microbatch's)."""
+        found = next(((p, g) for p, g in zip(reversed(parts), reversed(graphs))
+                      if g.output_tokens), None)
+        if found is None:
+            return 0.0
+        part, graph = found
+        shard = self.parallel.seq_shard
+        spec = self.model.module(part.module)
+        rows = graph.output_tokens if spec.kind == ModuleKind.PROJECTOR else \
+            -(-graph.output_tokens // shard)
+        out = rows * graph.output_hidden
+        lm = next((m for m in self.model.modules if m.kind == ModuleKind.LANGUAGE_MODEL), None)
+        if spec.kind == ModuleKind.GENERATOR and part.last_layer < spec.num_layers \
+                and lm is not None and lm.name in shapes:  # a sub-microbatch's shapes hold
+            out += -(-shapes[lm.name].tokens // shard) * lm.hidden_size  # its own modules only
+        return float(self.parallel.dtype_bytes * out)
+
     def _build(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
                recompute: bool) -> StageCost:
         times = {Phase.FORWARD: 0.0, Phase.BACKWARD_INPUT: 0.0, Phase.BACKWARD_WEIGHT: 0.0}
@@ -176,11 +198,7 @@ class CostModel:
                              for op in graph.layer_forward) + layer.forward.overhead_s * graph.layers
             saved += graph.checkpoint_bytes if recompute else graph.saved_bytes
             flops += graph.model_flops
-        last = next((g for g in reversed(graphs) if g.output_tokens), None)
-        out = 0.0
-        if last is not None:
-            out = self.parallel.dtype_bytes * last.output_tokens * last.output_hidden
-            out /= self.parallel.seq_shard
+        out = self._output_bytes(parts, graphs, shapes)
         terms = self.calibration.runtime_terms("+".join(p.module for p in parts))
         forward_extra, backward_extra = terms.overhead_s
         forward_scale, backward_scale = terms.scale

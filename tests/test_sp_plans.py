@@ -92,7 +92,11 @@ def test_the_service_prices_what_the_run_executes(name):
     message from that stage, with and without the flag."""
     vlm_s = load_model("VLM-S")
     assert vlm_s.parallel.sequence_parallel
-    assert not make_costs(ServiceSettings(model="VLM-S", tp=2), vlm_s).parallel.sequence_parallel
+    off = ServiceSettings(model="VLM-S", tp=2, sequence_parallel=False)
+    assert not make_costs(off, vlm_s).parallel.sequence_parallel
+    unset = ServiceSettings(model="VLM-S", tp=2)  # a script's own model: the file decides
+    assert make_costs(unset, vlm_s).parallel.sequence_parallel
+    assert not unset.resolve().sequence_parallel  # and messages stay whole
     model = load_model(name)
     assert not model.parallel.sequence_parallel
     rules = TokenRules.from_model(model)

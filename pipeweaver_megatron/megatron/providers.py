@@ -170,8 +170,9 @@ def check_args(args: argparse.Namespace) -> None:
          "--bf16: plans carry float32 messages and Float16Module turns the chunks' "
          "ChunkResult into a tuple")
     need(getattr(args, "context_parallel_size", 1) == 1, "context parallelism is not supported")
-    need(not getattr(args, "sequence_parallel", False), "drop --sequence-parallel: the LMM "
-         "chunks' local layer spec refuses it")
+    need(not getattr(args, "sequence_parallel", False), "drop --sequence-parallel: the "
+         "YAML model's chunks run it under scripts/pretrain_lmm.py --sequence-parallel and "
+         "pipeweaver verify --sequence-parallel, not yet checked inside Megatron-LM's loop")
     need(getattr(args, "rampup_batch_size", None) is None, "drop --rampup-batch-size: the "
          "planner needs a fixed number of microbatches per iteration")
     need(not (getattr(args, "save", None) or getattr(args, "load", None))

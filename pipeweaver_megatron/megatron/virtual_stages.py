@@ -103,7 +103,7 @@ def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[
         model=model_file or args.pipeweaver_model_config, parallel=dict(parallel),
         dtype=message_dtype(args), hardware=hardware
         or model.hardware, calibration=args.pipeweaver_calibration, pp=pp, tp=tp,
-        sequence_parallel=bool(parallel.get("sequence_parallel", False)),
+        sequence_parallel=parallel.get("sequence_parallel"),  # None: the script's own model
         schedule=args.pipeweaver_schedule, budget_ms=args.pipeweaver_search_budget_ms,
         workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
         fallback=args.pipeweaver_fallback,

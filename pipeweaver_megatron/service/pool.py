@@ -175,7 +175,7 @@ class WorkerPool:
         if entry is not None and not entry.done and kind == "plan":
             try:
                 plan = read_plan(message, entry.batch, self.layout, self.settings.dtype, self.tp,
-                                 self.settings.sequence_parallel)
+                                 bool(self.settings.sequence_parallel))
             except InvalidPlan as exc:
                 failure = f"invalid plan: {exc}"
         elif kind != "plan":

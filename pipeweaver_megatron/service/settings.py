@@ -41,9 +41,11 @@ class ServiceSettings:
     """Pipeline ranks; None: the model's."""
     tp: int | None = None
     """Tensor-parallel size (message shapes); None: the model's."""
-    sequence_parallel: bool = False
-    """The run's chunks are sequence-parallel (with tp > 1): messages carry each TP
-    rank's rows and SEMU prices it so, whatever the model file says."""
+    sequence_parallel: bool | None = None
+    """True / False: the run's chunks are (not) sequence-parallel (with tp > 1): messages
+    carry each TP rank's rows (or whole sequences) and SEMU prices it so, whatever the
+    model file says. None: messages whole, SEMU prices the model file's setting (the
+    drop-in's LLaVA chunks: an SP language model that passes whole sequences)."""
     dtype: str = "float32"
     """Activation dtype name of the messages."""
     schedule: str = PIPEWEAVER
@@ -107,7 +109,7 @@ class ServiceSettings:
         model = load_model(self.model, self.parallel)
         tp = self.tp or model.parallel.tp
         return RunModel(model, TokenRules.from_model(model), self.pp or model.parallel.pp, tp,
-                        self.sequence_parallel and tp > 1)
+                        bool(self.sequence_parallel) and tp > 1)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class _HostCuda(types.ModuleType):
 
     @staticmethod
     def current_device() -> torch.device:
-        return torch.device("cpu")
+        return torch.device(torch.cpu.current_device())
 
 
 class _HostTorch(types.ModuleType):

@@ -19,10 +19,10 @@ from pipeweaver_megatron.ir import random_order as ir_random_order
 from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchSettings
 from pipeweaver_megatron.planner.compile import (PlanCheckError, check_plan, compile_table,
                                                  table_flows)
-from pipeweaver_megatron.planner.execplan import (Batch, Compute, ExecutionPlan, Kind,
+from pipeweaver_megatron.ir.execplan import (Batch, Compute, ExecutionPlan, Kind,
                                                   PlanFormatError, PostRecv, RankPlan, Send,
                                                   WaitRecv, WaitSend, flat_ops, rank_plan_stats)
-from pipeweaver_megatron.planner.messages import TensorSpec, stage_outputs
+from pipeweaver_megatron.ir.messages import TensorSpec, stage_outputs
 from pipeweaver_megatron.schedules import build_baseline
 from pipeweaver_megatron.semu import CostModel, batch_shapes, simulate
 from pipeweaver_megatron.workload import TokenRules, sample_workload

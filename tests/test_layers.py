@@ -46,3 +46,20 @@ def test_accelerator_detection_does_not_import_them():
             "assert 'torch' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_runtime_reads_the_ir_not_the_planner():
+    """runtime/ executes ir's ExecutionPlan and IterationPlan (DESIGN.md: it reads ir only,
+    never the planner); verify.py alone, a tool that builds the plans it checks, may."""
+    import ast
+
+    offenders = []
+    for path in sorted((PACKAGE / "runtime").glob("*.py")):
+        if path.name == "verify.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                top = node.module.split(".")[0]
+                if top in ("planner", "semu", "service", "schedules"):
+                    offenders.append(f"runtime/{path.name}:{node.lineno}: from ..{node.module}")
+    assert not offenders, "\n".join(offenders)

@@ -1,5 +1,5 @@
 """LMM chunks on real megatron-core layers (CPU, one process): every stage's chunk emits
-exactly the tensors planner.messages describes, and chaining the stage chunks of a
+exactly the tensors ir.messages describes, and chaining the stage chunks of a
 layout by hand, with detached tensors and gradients passed between stages as a runtime
 would, gives the single-process reference's losses and every gradient, by name."""
 
@@ -21,7 +21,7 @@ from pipeweaver_megatron.models import init_single_process, teardown  # noqa: E4
 from pipeweaver_megatron.models.data import microbatch_data, select  # noqa: E402
 from pipeweaver_megatron.models.lmm import LMMChunk, build_reference, stage_chunk  # noqa: E402
 from pipeweaver_megatron.planner import partition, split_batch  # noqa: E402
-from pipeweaver_megatron.planner.messages import (  # noqa: E402
+from pipeweaver_megatron.ir.messages import (  # noqa: E402
     merged_inputs, stage_inputs, stage_outputs,
 )
 from pipeweaver_megatron.semu import CostModel  # noqa: E402
@@ -68,7 +68,7 @@ def layouts(model):
 def run_pipeline(model, layout, chunks, microbatch, data, rules, subs):
     """Forward every (stage, sub-microbatch) in stage order, then backward in reverse,
     with detached inputs and output gradients passed between stages. Checks every
-    message against planner.messages. Returns (loss sum, tokens)."""
+    message against ir.messages. Returns (loss sum, tokens)."""
     spec_of = {}
     outputs, leaves, results, order = {}, {}, {}, []
     for stage in layout.stages:

@@ -12,7 +12,7 @@ from test_compile import (compile_and_check, fake_shapes, random_tables, small_p
 
 from pipeweaver_megatron.config import load_model
 from pipeweaver_megatron.planner.compile import PlanCheckError, _Checker, compile_table
-from pipeweaver_megatron.planner.execplan import Batch, Kind, PostRecv, WaitRecv
+from pipeweaver_megatron.ir.execplan import Batch, Kind, PostRecv, WaitRecv
 from pipeweaver_megatron.planner.nccl_order import check_nccl_order
 from pipeweaver_megatron.schedules import build_baseline
 

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from pipeweaver_megatron.config import load_model
-from pipeweaver_megatron.planner.execplan import Kind
+from pipeweaver_megatron.ir.execplan import Kind
 from pipeweaver_megatron.semu.shapes import microbatch_shapes
 from pipeweaver_megatron.service import InvalidPlan, ServiceSettings, fallback_plan, read_plan
 from pipeweaver_megatron.service.wire import decode, encode_plan

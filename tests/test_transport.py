@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_runtime import check
 
-from pipeweaver_megatron.planner.execplan import Kind
+from pipeweaver_megatron.ir.execplan import Kind
 from pipeweaver_megatron.runtime.p2p import Watchdog, layout_channels
 from pipeweaver_megatron.runtime.verify import build_plans, verify
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..planner.iteration import MEMORY_STRATEGIES
-from ..planner.nccl_order import TRANSPORTS
+from ..ir.execplan import TRANSPORTS
 from ..planner.systems import RUNNABLE
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from .action import Action, Op
 from .errors import ScheduleValidationError
 from .render import render_grid
-from .stage import matching_subs
+from .graph import action_graph
 from .table import ScheduleTable
 
 def validate(table: ScheduleTable) -> None:
@@ -102,20 +102,9 @@ def _check_complete(table: ScheduleTable) -> None:
 
 
 def dependencies(table: ScheduleTable, action: Action) -> list[Action]:
-    """Actions that must finish before this one (see [Note: stage dependencies])."""
-    layout, m = table.layout, action.microbatch
-    if action.op == Op.F:
-        edges, ends, op = layout.predecessors(action.stage), "src", Op.F
-        deps: list[Action] = []
-    else:
-        edges, ends, op = layout.successors(action.stage), "dst", Op.B
-        deps = [Action(Op.F, action.stage, m, action.sub)]
-    mine = table.subs(action.stage, m)
-    for edge in edges:
-        other = getattr(edge, ends)
-        deps.extend(Action(op, other, m, k)
-                    for k in matching_subs(edge.aligned, table.subs(other, m), mine, action.sub))
-    return deps
+    """Actions that must finish before this one: the action graph's inputs (ir/graph.py
+    [Note: the action graph])."""
+    return action_graph(table).inputs(action)
 
 
 class _Execution:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from ..planner.nccl_order import TRANSPORTS
+from ..ir.execplan import TRANSPORTS
 from ..planner.systems import PIPEWEAVER, RUNNABLE
 
 FAULTS = ("planner-crash", "planner-hang", "bad-plan", "crash-mid-save")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..planner import split_batch
-from ..planner.iteration import IterationPlan
+from ..ir.plan import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
 from ..service import PlannerService, PrefetchingIterator
 from ..service.worker import make_costs

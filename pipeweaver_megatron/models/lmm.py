@@ -13,13 +13,13 @@ module, layer), so chunks built with the same seed already hold the reference's 
 
 [Note: chunk forward] ``chunk(inputs, data) -> ChunkResult(outputs, loss, num_tokens)``:
 
-- inputs: the received tensors by name, as planner.messages.stage_inputs describes them.
+- inputs: the received tensors by name, as ir.messages.stage_inputs describes them.
   Over a gathering edge the runtime passes "image_embeds" of all the microbatch's vision
   sub-microbatches concatenated in sub order (image order); a text-only microbatch
   passes none. The LM's last stage sums the "cond" gradients of all DiT sub-microbatches.
 - data: models.data.select(microbatch_data, stage's first module, members), i.e. the
   stage's sub-microbatch (the text is always the whole microbatch's).
-- outputs: exactly planner.messages.stage_outputs (names, order, shapes); never views
+- outputs: exactly ir.messages.stage_outputs (names, order, shapes); never views
   (Megatron's deallocate_output_tensor may free them after sending). Backward: the
   runtime calls torch.autograd.backward(outputs, their gradients) (or the loss's
   backward) and sends each input's .grad upstream, splitting a concatenated

@@ -2,7 +2,7 @@
 
 [Note: sequence parallelism in the chunks] With ``sequence_parallel`` each tensor-
 parallel rank holds ceil(n / tp) rows of every [n, 1, h] hidden sequence between
-layers, exactly the message shapes planner.messages prices: the layers' linear layers
+layers, exactly the message shapes ir.messages prices: the layers' linear layers
 all-gather the rows before attention and the MLP and reduce-scatter after them
 (megatron-core's ColumnParallel / RowParallelLinear), the norms run on the rows and
 their weights carry ``sequence_parallel`` so their gradients are summed over the

@@ -14,9 +14,10 @@ from .partition import ChunkPlan, PartitionError, choose_sub_size, partition
 from .search import PipeWeaverPlanner, PlanResult, SearchSettings, SearchStats
 from .submicro import SubMicrobatches, split_batch, split_evenly
 from .systems import PIPEWEAVER, SYSTEMS, make_system
-from .messages import TensorSpec, stage_inputs, stage_outputs
-from .execplan import ExecutionPlan, Kind, Message, RankPlan, rank_plan_stats
-from .compile import PlanCheckError, check_plan, compile_table, table_flows
+from ..ir.messages import TensorSpec, stage_inputs, stage_outputs
+from ..ir.execplan import ExecutionPlan, Kind, Message, RankPlan, rank_plan_stats
+from ..ir.graph import table_flows
+from .compile import PlanCheckError, check_plan, compile_table
 
 __all__ = ["Comparison", "ComparisonBaseline", "build_comparison", "Strategy", "Interleaved",
            "PlannerError", "Problem", "build_problem", "interleave", "SequenceTree",

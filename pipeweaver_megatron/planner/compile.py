@@ -66,64 +66,18 @@ channel, every operation alone; see nccl_order.py).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import Callable
 
-from ..ir import Action, Op, ScheduleTable, dependencies, matching_subs, validate
+from ..ir import Action, Op, ScheduleTable, dependencies, validate
+from ..ir.graph import Flow, MessageKey as Key, table_flows
 from ..semu import SimResult
-from .execplan import (SCHEMA_VERSION, Batch, Compute, ExecutionPlan, Kind, Message, PlanOp,
+from ..ir.execplan import (SCHEMA_VERSION, Batch, Compute, ExecutionPlan, Kind, Message, PlanOp,
                        PostRecv, RankPlan, Send, TensorLike, WaitRecv, WaitSend, flat_ops)
 from .nccl_order import check_nccl_order
 
 ShapesOf = Callable[[int, int, int, int], tuple[TensorLike, ...]]
 """shapes_of(src stage, dst stage, microbatch, src sub): the tensors stage src sends
 downstream to dst for one sub-microbatch (its gradient has the same specs)."""
-
-Key = tuple[Kind, Action, int, "int | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """A message derived from the table: identity, ranks, and who sends and consumes it."""
-
-    key: Key
-    src: int
-    dst: int
-    sender: Action
-    consumers: tuple[Action, ...]
-
-    @property
-    def channel(self) -> tuple[int, int, Kind]:
-        return (self.src, self.dst, self.key[0])
-
-
-def table_flows(table: ScheduleTable) -> list[Flow]:
-    """Every cross-rank message of a table, in send order (rank by rank, compute by
-    compute, then by peer stage and sub)."""
-    layout = table.layout
-    rank_of = [s.rank for s in layout.stages]
-    out: list[Flow] = []
-    for rank, actions in enumerate(table.ranks):
-        for a in actions:
-            m, mine = a.microbatch, table.subs(a.stage, a.microbatch)
-            if a.op is Op.F:
-                for edge in layout.successors(a.stage):
-                    d = edge.dst
-                    subs = matching_subs(edge.aligned, table.subs(d, m), mine, a.sub)
-                    if rank_of[d] != rank and len(subs):
-                        out.append(Flow((Kind.ACTIVATION, a, d, None), rank, rank_of[d], a,
-                                        tuple(Action(Op.F, d, m, j) for j in subs)))
-            else:
-                for edge in layout.predecessors(a.stage):
-                    s = edge.src
-                    if rank_of[s] == rank:
-                        continue
-                    for k in matching_subs(edge.aligned, table.subs(s, m), mine, a.sub):
-                        producer = Action(Op.F, s, m, k)
-                        out.append(Flow((Kind.GRADIENT, producer, a.stage, a.sub), rank,
-                                        rank_of[s], a, (Action(Op.B, s, m, k),)))
-    return out
-
 
 def compile_table(table: ScheduleTable, shapes_of: ShapesOf, timeline: SimResult | None = None,
                   lookahead: int = 1) -> ExecutionPlan:

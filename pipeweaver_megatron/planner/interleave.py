@@ -25,8 +25,9 @@ import heapq
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..ir import Action, Layout, Op, ScheduleTable, matching_subs
-from ..semu import CostModel, Links, StageCost
+from ..ir import Action, Layout, Op, ScheduleTable
+from ..ir.graph import graph_of
+from ..semu import CostModel, StageCost, transfer_delays
 
 Group = tuple[int, str]
 """(microbatch, module): the unit whose segments share one priority."""
@@ -71,51 +72,34 @@ def build_problem(costs: CostModel, layout: Layout, counts: Mapping[str, Sequenc
                   cost: Sequence[Sequence[Sequence[StageCost]]], num_microbatches: int,
                   gate: Sequence[Sequence[Sequence[float]]] | None = None) -> Problem:
     """Compile the actions of one batch; gate[stage][mb][sub] defaults to saved_bytes."""
-    subs = [list(counts.get(stage_module(layout, s.index), [1] * num_microbatches))
-            for s in layout.stages]
-    per_byte, fixed = Links(costs).between_stages(layout)
+    graph = graph_of(layout, num_microbatches, counts)
+    delays = transfer_delays(costs, graph, cost)
     module_rank = {m.name: i for i, m in enumerate(layout.modules)}
-    index: dict[tuple[bool, int, int, int], int] = {}
-    actions = []
-    for s in layout.stages:
-        for m in range(num_microbatches):
-            for k in range(subs[s.index][m]):
-                for backward in (False, True):
-                    index[(backward, s.index, m, k)] = len(actions)
-                    actions.append(Action(Op.B if backward else Op.F, s.index, m, k))
+    actions = graph.actions
     n = len(actions)
     users: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     ndeps = [0] * n
-    duration, gates, rank = [0.0] * n, [0.0] * n, [0] * n
+    duration, gates = [0.0] * n, [0.0] * n
     group_keys = sorted({(a.microbatch, module_rank[stage_module(layout, a.stage)])
                          for a in actions})
     group_id = {key: i for i, key in enumerate(group_keys)}
     group_of, tiebreak = [0] * n, [0] * n
     stages = layout.num_stages
-    for (backward, s, m, k), i in index.items():
+    for i, a in enumerate(actions):
+        s, m, k = a.stage, a.microbatch, a.sub
         c = cost[s][m][k]
-        rank[i] = layout.stages[s].rank
         group_of[i] = group_id[(m, module_rank[stage_module(layout, s)])]
         tiebreak[i] = k * stages + s
-        if backward:
+        if a.op is Op.B:
             duration[i] = c.backward_s
-            deps = [(index[(False, s, m, k)], 0.0)]
-            for e in layout.successors(s):
-                for j in matching_subs(e.aligned, subs[e.dst][m], subs[s][m], k):
-                    deps.append((index[(True, e.dst, m, j)],
-                                 per_byte[e.dst][s] * c.output_bytes + fixed[e.dst][s]))
         else:
             duration[i] = c.forward_s
             gates[i] = gate[s][m][k] if gate is not None else c.saved_bytes
-            deps = []
-            for e in layout.predecessors(s):
-                for j in matching_subs(e.aligned, subs[e.src][m], subs[s][m], k):
-                    size = cost[e.src][m][j].output_bytes
-                    deps.append((index[(False, e.src, m, j)],
-                                 per_byte[e.src][s] * size + fixed[e.src][s]))
-        ndeps[i] = len(deps)
-        for j, delay in deps:
-            users[j].append((i, delay))
+        inputs = graph.input_ids(i)
+        ndeps[i] = len(inputs)
+        for e in inputs:
+            users[graph.dependencies[e].producer].append((i, delays[e]))
+    rank = graph.rank
     names = [m.name for m in layout.modules]
     return Problem(layout=layout, num_microbatches=num_microbatches,
                    counts={name: tuple(c) for name, c in counts.items()},

@@ -1,5 +1,6 @@
-"""One iteration's plan as every rank of a pipeline group receives it: the table, its
-compiled execution plan, the batch metadata and the sub-microbatch members (pure Python).
+"""plan_iteration: one iteration's ir.plan.IterationPlan from a table and its batch (the
+table compiled with the batch's shapes, the sub-microbatch members, the memory
+strategies), and the members of a table's split modules (pure Python).
 
 A runtime needs nothing else to run its rank: which stage runs which (sub-)microbatch
 in which order, every P2P message with its shapes, from the metadata the data of each
@@ -10,9 +11,6 @@ whole thing, so ranks can check they execute the same plan.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..config import ModelSpec, ModuleKind
@@ -20,12 +18,10 @@ from ..ir import ScheduleTable
 from ..semu import SimResult
 from ..workload import GlobalBatch, TokenRules
 from .compile import compile_table
-from .execplan import ExecutionPlan
-from .messages import split_owner, stage_outputs
+from ..ir.plan import IterationPlan, MemoryChoice
+from ..ir.messages import split_owner, stage_outputs
 from .submicro import split_evenly
 
-MemoryChoice = tuple[int, int, int, int, int]
-"""(stage, microbatch, sub, recompute layers, offload layers)."""
 
 MEMORY_STRATEGIES = ("planned", "none", "recompute", "offload", "mixed")
 """`pipeweaver verify --memory-strategy`: the planner's own choice, or one forced on every
@@ -34,52 +30,6 @@ layer, and recompute half then offload the rest); runtime/verify.forced_memory."
 
 Members = Mapping[str, Sequence[Sequence[Sequence[int]]]]
 """Per module, per microbatch, the instance indices of each sub-microbatch."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class IterationPlan:
-    """Everything a rank needs to execute one iteration."""
-
-    table: ScheduleTable
-    execution: ExecutionPlan
-    batch: GlobalBatch
-    members: dict[str, tuple[tuple[tuple[int, ...], ...], ...]]
-    """Modules split into sub-microbatches only (others: one sub holding everything)."""
-    dtype: str
-    tp: int = 1
-    memory: tuple[MemoryChoice, ...] = ()
-    """(stage, microbatch, sub, recompute layers, offload layers) of every forward that
-    does not keep all its activations, sorted (absent: keep them all)."""
-    sequence_parallel: bool = False
-    """The chunks run sequence-parallel (tp > 1): hidden-state messages are each TP
-    rank's ceil(n / tp) rows (planner.messages)."""
-
-    @property
-    def content_hash(self) -> str:
-        text = json.dumps({"execution": self.execution.content_hash,
-                           "samples": [[s.sample_id for s in mb.samples]
-                                       for mb in self.batch.microbatches],
-                           "members": self.members, "dtype": self.dtype, "tp": self.tp,
-                           **({"memory": self.memory} if self.memory else {}),
-                           **({"sequence_parallel": True} if self.sequence_parallel else {})},
-                          sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def strategy(self, stage: int, microbatch: int, sub: int) -> tuple[int, int]:
-        """(recompute, offload) transformer layers of one forward."""
-        for s, m, k, recompute, offload in self.memory:
-            if (s, m, k) == (stage, microbatch, sub):
-                return recompute, offload
-        return 0, 0
-
-    def subs_of(self, microbatch: int) -> dict[str, list[tuple[int, ...]]]:
-        """planner.messages' `subs` for one microbatch."""
-        return {name: [tuple(s) for s in per_mb[microbatch]] for name, per_mb in self.members.items()}
-
-    def sub_members(self, module: str, microbatch: int, sub: int) -> tuple[int, ...] | None:
-        """Instances of one sub-microbatch of a stage's first module (None: all)."""
-        per_mb = self.members.get(module)
-        return None if per_mb is None else tuple(per_mb[microbatch][sub])
 
 
 def table_members(model: ModelSpec, table: ScheduleTable, batch: GlobalBatch,

@@ -41,13 +41,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from ..ir import ScheduleTable
-from .execplan import Batch, ExecutionPlan, Kind, PostRecv, Send, WaitRecv, WaitSend
+from ..ir.execplan import Batch, ExecutionPlan, Kind, PostRecv, Send, WaitRecv, WaitSend
 
 COMMUNICATORS = ("per_channel", "per_pair")
 
-TRANSPORTS = ("tags", "nccl-order")
-"""The runtime's transports (runtime/p2p.py): one gloo group with a tag per kind, or one
-communicator per channel issued as this module's default replay (NCCL's order)."""
 
 Channel = tuple[int, int, Kind]
 """(sender rank, receiver rank, kind)."""

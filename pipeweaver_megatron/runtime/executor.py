@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from ..ir import Action, Op
-from ..planner.compile import table_flows
-from ..planner.execplan import (Batch, Compute, Kind, Message, PostRecv, Send,
+from ..ir.graph import table_flows
+from ..ir.execplan import (Batch, Compute, Kind, Message, PostRecv, Send,
                                 WaitRecv, WaitSend)
-from ..planner.iteration import IterationPlan
-from ..planner.messages import stage_inputs
+from ..ir.plan import IterationPlan
+from ..ir.messages import stage_inputs
 from .p2p import DTYPES, Transport
 
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..planner.execplan import Kind, Message
+from ..ir.execplan import Kind, Message
 
 TAGS = {Kind.ACTIVATION: 0, Kind.GRADIENT: 1}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

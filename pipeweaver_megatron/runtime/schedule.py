@@ -32,9 +32,9 @@ import torch.distributed as dist
 from megatron.core.utils import get_attr_wrapped_model
 
 from ..ir import Action, Op
-from ..planner.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
-from ..planner.iteration import IterationPlan
-from ..planner.nccl_order import TRANSPORTS
+from ..ir.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
+from ..ir.plan import IterationPlan
+from ..ir.execplan import TRANSPORTS
 from ..models.data import select
 from ..models.memory import layer_memory
 from .executor import ExecutionError, RankExecutor

@@ -157,7 +157,7 @@ class CostModel:
 
     def _output_bytes(self, parts: Sequence[Part], graphs: Sequence[PartGraph],
                       shapes: Mapping[str, ModuleShape]) -> float:
-        """The payload a stage sends downstream, as planner.messages shapes it: the last
+        """The payload a stage sends downstream, as ir.messages shapes it: the last
         part's output over the sequence (each TP rank's ceil(n / tp) rows under sequence
         parallelism; the projector's merged tokens whole), and the cond a DiT stage
         passes on where the shapes hold the LM's (the whole microbatch's)."""

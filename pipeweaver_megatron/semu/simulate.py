@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
 from ..config import ModelSpec
-from ..ir import Action, Layout, Op, ScheduleTable, matching_subs
+from ..ir import Action, Layout, Op, ScheduleTable
+from ..ir.graph import ActionGraph, EdgeKind, action_graph
 from ..workload import GlobalBatch, TokenRules
 from .core import run_streams
 from .costs import CostModel, StageCost
@@ -117,41 +118,38 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
             raise ValueError(f"stage {s.index}: the table's sub-microbatch counts differ from "
                              "the shapes given")
     flat: list[Action] = [a for actions in table.ranks for a in actions]
-    # Keys use 0/1 for F/B: hashing an Enum member runs Python code, a small int does not.
-    pos: dict[tuple[int, int, int, int], int] = {
-        (a.op is Op.B, a.stage, a.microbatch, a.sub): i for i, a in enumerate(flat)}
     order, k = [], 0
     for actions in table.ranks:
         order.append(range(k, k + len(actions)))
         k += len(actions)
-    delay, fixed = Links(costs).between_stages(layout)
-    preds = [[(e.src, e.aligned) for e in layout.predecessors(s.index)] for s in layout.stages]
-    succs = [[(e.dst, e.aligned) for e in layout.successors(s.index)] for s in layout.stages]
+    graph = action_graph(table)
+    delays = transfer_delays(costs, graph, cost)
+    deps_of, actions = graph.dependencies, graph.actions
+    ids = graph.ids(flat)
+    pos = [0] * len(actions)
+    for i, gid in enumerate(ids):
+        pos[gid] = i
     compiled = _Compiled()
-    for backward, s, m, sub in pos:
-        c = cost[s][m][sub]
-        mine, rank = subs[s][m], stage_rank[s]
-        if not backward:
+    for gid in ids:
+        a = actions[gid]
+        c = cost[a.stage][a.microbatch][a.sub]
+        rank = stage_rank[a.stage]
+        backward = a.op is Op.B
+        if backward:
+            compiled.duration.append(c.backward_s)
+            compiled.saved.append(-c.saved_bytes)
+        else:
             compiled.duration.append(c.forward_s)
             compiled.saved.append(c.saved_bytes)
             compiled.flops += c.model_flops
-            found = []
-            for src, aligned in preds[s]:
-                for j in matching_subs(aligned, subs[src][m], mine, sub):
-                    size = cost[src][m][j].output_bytes
-                    found.append((pos[(False, src, m, j)], delay[src][s] * size + fixed[src][s]))
-                    if stage_rank[src] != rank:
-                        compiled.messages.append((rank, len(compiled.deps), found[-1], size, False))
-        else:
-            compiled.duration.append(c.backward_s)
-            compiled.saved.append(-c.saved_bytes)
-            found = [(pos[(False, s, m, sub)], 0.0)]
-            size = c.output_bytes
-            for dst, aligned in succs[s]:
-                for j in matching_subs(aligned, subs[dst][m], mine, sub):
-                    found.append((pos[(True, dst, m, j)], delay[dst][s] * size + fixed[dst][s]))
-                    if stage_rank[dst] != rank:
-                        compiled.messages.append((rank, len(compiled.deps), found[-1], size, True))
+        found = []
+        for e in graph.input_ids(gid):
+            dep = deps_of[e]
+            found.append((pos[dep.producer], delays[e]))
+            if dep.cross_rank:
+                carried = a if backward else actions[dep.producer]  # whose output travels
+                size = cost[carried.stage][carried.microbatch][carried.sub].output_bytes
+                compiled.messages.append((rank, len(compiled.deps), found[-1], size, backward))
         compiled.deps.append(found)
     timeline = run_streams(order, compiled.duration, compiled.deps)
     return _result(costs, table, flat, order, compiled, timeline, stage_rank,
@@ -205,6 +203,34 @@ class Links:
             return 0.0
         same = self._same_node(src, dst)
         return self.overhead + (self.hw.intra_node_latency if same else self.hw.inter_node_latency)
+
+
+def transfer_delays(costs: CostModel, graph: ActionGraph,
+                    cost: Sequence[Sequence[Sequence[StageCost]]]) -> list[float]:
+    """Seconds from the end of each dependency's producer until its consumer may start
+    (per ActionGraph.dependencies): latency + bytes / bandwidth between the two stages'
+    ranks for the forward output it carries (an activation, or that output's gradient);
+    0 for a backward's own forward and on one rank. SEMU and the interleaver price
+    transfers with it alone."""
+    key = (id(costs), id(cost))
+    hit = graph.memo.get(key)
+    if hit is not None and hit[0] is costs and hit[1] is cost:
+        return hit[2]
+    per_byte, fixed = Links(costs).between_stages(graph.layout)
+    out = []
+    actions = graph.actions
+    for dep in graph.dependencies:
+        if dep.kind is EdgeKind.OWN_FORWARD:
+            out.append(0.0)
+            continue
+        src, dst = actions[dep.producer], actions[dep.consumer]
+        carried = src if dst.op is Op.F else dst  # the forward whose output travels
+        size = cost[carried.stage][carried.microbatch][carried.sub].output_bytes
+        out.append(per_byte[src.stage][dst.stage] * size + fixed[src.stage][dst.stage])
+    if len(graph.memo) >= 8:
+        graph.memo.pop(next(iter(graph.memo)))
+    graph.memo[key] = (costs, cost, out)
+    return out
 
 
 def _p2p_buffers(compiled: _Compiled, timeline, ranks: int) -> list[list]:

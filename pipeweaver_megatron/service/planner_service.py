@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..config import ModelSpec
 from ..ir import Layout
-from ..planner.iteration import IterationPlan
+from ..ir.plan import IterationPlan
 from ..planner.partition import ChunkPlan, partition
 from ..planner.systems import PIPEWEAVER
 from ..workload import GlobalBatch

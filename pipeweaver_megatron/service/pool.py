@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
 
 from ..ir import Layout
-from ..planner.iteration import IterationPlan
+from ..ir.plan import IterationPlan
 from ..planner.partition import ChunkPlan
 from ..workload import GlobalBatch
 from .settings import ServiceSettings

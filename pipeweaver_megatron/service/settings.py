@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
-from ..planner.iteration import IterationPlan
+from ..ir.plan import IterationPlan
 from ..planner.systems import PIPEWEAVER, RUNNABLE
 from ..config import ModelSpec, load_model
 from ..workload import GlobalBatch, TokenRules

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..ir import Layout, ScheduleFormatError, ScheduleTable, ScheduleValidationError, validate
 from ..planner.compile import PlanCheckError, check_plan
-from ..planner.execplan import ExecutionPlan, PlanFormatError
-from ..planner.iteration import IterationPlan
+from ..ir.execplan import ExecutionPlan, PlanFormatError
+from ..ir.plan import IterationPlan
 from ..workload import GlobalBatch
 
 WIRE_VERSION = 1

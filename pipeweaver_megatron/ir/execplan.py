@@ -1,4 +1,4 @@
-"""Execution plans: what one rank runs, op by op, for one iteration (compile.py makes them).
+"""Execution plans: what one rank runs, op by op, for one iteration (planner/compile.py makes them).
 
 A plan is a per-rank tuple of ops. The runtime executes them strictly in order:
 
@@ -49,13 +49,17 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Union
 
-from ..ir import Action, Op
+from .action import Action, Op
 
 SCHEMA_VERSION = 1
 
+TRANSPORTS = ("tags", "nccl-order")
+"""The runtime's transports (runtime/p2p.py): one gloo group with a tag per kind, or one
+communicator per channel issued as this module's default replay (NCCL's order)."""
+
 
 class TensorLike(Protocol):
-    """What a plan needs of a tensor spec (planner.messages.TensorSpec has it)."""
+    """What a plan needs of a tensor spec (ir.messages.TensorSpec has it)."""
 
     @property
     def name(self) -> str: ...
@@ -287,7 +291,7 @@ class ExecutionPlan:
     def from_json(data: Any, tensor_spec: Callable[[str, tuple[int, ...], str], Any] | None = None
                   ) -> "ExecutionPlan":
         """Read the JSON form. tensor_spec(name, shape, dtype name) builds a tensor spec
-        (default: planner.messages.TensorSpec). Errors raise PlanFormatError."""
+        (default: ir.messages.TensorSpec). Errors raise PlanFormatError."""
         if tensor_spec is None:
             tensor_spec = _default_tensor_spec()
         return _Reader(tensor_spec).plan(data)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..config import ModelSpec, ModuleKind
-from ..ir import Layout, Stage, matching_subs
+from .stage import Layout, Stage, matching_subs
 from ..workload import Microbatch, TokenRules
 
 

@@ -66,7 +66,8 @@ channel, every operation alone; see nccl_order.py).
 from __future__ import annotations
 
 import bisect
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from ..ir import Action, Op, ScheduleTable, dependencies, validate
 from ..ir.graph import Flow, MessageKey as Key, table_flows
@@ -81,13 +82,55 @@ downstream to dst for one sub-microbatch (its gradient has the same specs)."""
 
 def compile_table(table: ScheduleTable, shapes_of: ShapesOf, timeline: SimResult | None = None,
                   lookahead: int = 1) -> ExecutionPlan:
-    """Per-rank execution plans of a valid table (see the module docstring for the rules)."""
+    """Per-rank execution plans of a valid table (see the module docstring for the rules):
+    four named passes, each a pure function of the ones before (see [Note: passes])."""
     if lookahead < 0:
         raise ValueError(f"lookahead must be >= 0, got {lookahead}")
     validate(table)
-    where = {a: (r, i) for r, i, a in table.actions()}
-    counts = [len(actions) for actions in table.ranks]
-    flows = table_flows(table)
+    found = messages_pass(table, shapes_of)
+    times = _Times(table, timeline) if timeline is not None else None
+    placed = receives_pass(table, found, times, lookahead)
+    placed = wait_sends_pass(table, found, placed, times)
+    return emit_pass(table, found, placed)
+
+
+# [Note: passes] compile_table is messages_pass (every message of the table with its
+# tensors and channel position), receives_pass (the slot of each Send, PostRecv and
+# WaitRecv), wait_sends_pass (the slot of each WaitSend, given where the receives are)
+# and emit_pass (the op lists). A pass reads the table and the passes before it and
+# returns new values; tests/test_compile_passes.py gives each computes in and exact
+# output, and tests/golden/compile/ holds whole plans (python tests/golden/
+# make_compile_golden.py rewrites them).
+
+
+@dataclass(frozen=True)
+class Messages:
+    """messages_pass: the table's messages in send order with their tensors."""
+
+    flows: tuple[Flow, ...]
+    messages: tuple[Message, ...]
+    channels: dict[tuple[int, int, Kind], tuple[int, ...]]
+    """Message indices of each channel, in sequence order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Message indices placed in the gap before one compute (see the module docstring)."""
+
+    sends: tuple[int, ...] = ()
+    recvs: tuple[int, ...] = ()
+    wait_sends: tuple[int, ...] = ()
+    waits: tuple[int, ...] = ()
+
+
+Slots = tuple[tuple[Slot, ...], ...]
+"""Per rank, one Slot per compute plus one for the rank's end."""
+
+
+def messages_pass(table: ScheduleTable, shapes_of: ShapesOf) -> Messages:
+    """Every cross-rank message of the table (ActionGraph), in send order, with its
+    tensors and its position on its channel."""
+    flows = tuple(table_flows(table))
     messages, channels = [], {}
     for flow in flows:
         kind, producer, stage, sub = flow.key
@@ -98,26 +141,48 @@ def compile_table(table: ScheduleTable, shapes_of: ShapesOf, timeline: SimResult
                              f"{producer.sub}) gave no tensors; a message carries at least one")
         messages.append(Message(kind, producer, stage, sub, tensors, len(seq)))
         seq.append(len(messages) - 1)
-    times = _Times(table, timeline) if timeline is not None else None
-    first_use = [min(where[c][1] for c in f.consumers) for f in flows]
+    return Messages(flows, tuple(messages), {c: tuple(ids) for c, ids in channels.items()})
+
+
+def receives_pass(table: ScheduleTable, found: Messages, times: "_Times | None",
+                  lookahead: int) -> Slots:
+    """Sends right after their compute, WaitRecvs before the first consumer, PostRecvs
+    lookahead computes earlier (or, with a timeline, before the compute running when
+    the sender finishes), each channel's in sequence order (see the module docstring)."""
+    flows, messages = found.flows, found.messages
+    where = {a: i for actions in table.ranks for i, a in enumerate(actions)}
+    first_use = [min(where[c] for c in f.consumers) for f in flows]
     post = [max(0, u - lookahead) for u in first_use]
     if times is not None:
         post = [min(p, times.running_at(f.dst, times.end(f.sender)))
                 for p, f in zip(post, flows)]
-    for ids in channels.values():  # post in sequence order: suffix minimum
+    for ids in found.channels.values():  # post in sequence order: suffix minimum
         for n in range(len(ids) - 2, -1, -1):
             post[ids[n]] = min(post[ids[n]], post[ids[n + 1]])
-    slots = [[_Slot() for _ in range(n + 1)] for n in counts]
+    sends, recvs, waits = ([[[] for _ in range(len(a) + 1)] for a in table.ranks]
+                           for _ in range(3))
     for i, flow in enumerate(flows):
-        slots[flow.src][where[flow.sender][1] + 1].sends.append(i)
-        slots[flow.dst][post[i]].recvs.append(i)
-        slots[flow.dst][first_use[i]].waits.append(i)
-    for rank_slots in slots:
-        for slot in rank_slots:
-            slot.recvs.sort(key=lambda i: (flows[i].src, flows[i].key[0].name, messages[i].seq))
+        sends[flow.src][where[flow.sender] + 1].append(i)
+        recvs[flow.dst][post[i]].append(i)
+        waits[flow.dst][first_use[i]].append(i)
+    order = lambda i: (flows[i].src, flows[i].key[0].name, messages[i].seq)  # noqa: E731
+    return tuple(tuple(Slot(tuple(s), tuple(sorted(r, key=order)), (), tuple(w))
+                       for s, r, w in zip(sends[rank], recvs[rank], waits[rank]))
+                 for rank in range(len(table.ranks)))
+
+
+def wait_sends_pass(table: ScheduleTable, found: Messages, slots: Slots,
+                    times: "_Times | None") -> Slots:
+    """Each WaitSend after its sender's next compute (with a timeline: the first gap
+    after the predicted transfer), moved later until the receiver's PostRecv is in its
+    causal past, else to the rank's end ([Note: WaitSend placement])."""
+    flows, messages = found.flows, found.messages
+    counts = [len(actions) for actions in table.ranks]
+    where = {a: i for actions in table.ranks for i, a in enumerate(actions)}
     known, posted_at = _causal_knowledge(slots, flows, counts)
+    placed: list[list[list[int]]] = [[[] for _ in rank] for rank in slots]
     for i, flow in enumerate(flows):
-        sent = where[flow.sender][1] + 1
+        sent = where[flow.sender] + 1
         want = min(sent + 1, counts[flow.src])
         if times is not None:
             want = times.gap_after(flow.src, want, times.arrival(flow, messages[i]))
@@ -125,7 +190,16 @@ def compile_table(table: ScheduleTable, shapes_of: ShapesOf, timeline: SimResult
         rank_known = known[flow.src]
         slot = next((t for t in range(want, counts[flow.src])
                      if rank_known[t][flow.dst] >= need), counts[flow.src])
-        slots[flow.src][slot].wait_sends.append(i)
+        placed[flow.src][slot].append(i)
+    return tuple(tuple(Slot(s.sends, s.recvs, tuple(sorted(w)), s.waits)
+                       for s, w in zip(rank, extra))
+                 for rank, extra in zip(slots, placed))
+
+
+def emit_pass(table: ScheduleTable, found: Messages, slots: Slots) -> ExecutionPlan:
+    """The op lists: per slot its post group (Sends then PostRecvs; two or more form a
+    Batch), its WaitSends, its WaitRecvs, then the compute."""
+    flows, messages = found.flows, found.messages
     ranks = []
     for rank, rank_slots in enumerate(slots):
         ops: list[PlanOp] = []
@@ -136,25 +210,15 @@ def compile_table(table: ScheduleTable, shapes_of: ShapesOf, timeline: SimResult
                 ops.append(Batch(tuple(posts)))
             else:
                 ops.extend(posts)
-            ops.extend(WaitSend(messages[i]) for i in sorted(slot.wait_sends))
+            ops.extend(WaitSend(messages[i]) for i in slot.wait_sends)
             ops.extend(WaitRecv(messages[i]) for i in slot.waits)
-            if t < counts[rank]:
+            if t < len(table.ranks[rank]):
                 ops.append(Compute(table.ranks[rank][t]))
         ranks.append(RankPlan(rank, tuple(ops)))
     return ExecutionPlan(SCHEMA_VERSION, table.content_hash, tuple(ranks))
 
 
-class _Slot:
-    __slots__ = ("sends", "recvs", "wait_sends", "waits")
-
-    def __init__(self) -> None:
-        self.sends: list[int] = []
-        self.recvs: list[int] = []
-        self.wait_sends: list[int] = []
-        self.waits: list[int] = []
-
-
-def _causal_knowledge(slots: list[list[_Slot]], flows: list[Flow], counts: list[int]):
+def _causal_knowledge(slots: Slots, flows: Sequence[Flow], counts: list[int]):
     """Run the plan without WaitSends (it runs wherever validate()'s execution does) with
     vector clocks: known[r][t][q] = how many of rank q's post groups rank r is sure have
     been posted when it reaches slot t's WaitSends. Also the slot of each receive."""

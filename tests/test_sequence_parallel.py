@@ -1,6 +1,7 @@
 """Sequence parallelism executed (TP > 1): real multi-process gloo runs of the YAML
 models' chunks with megatron-core's sequence-parallel layers, every loss and gradient
-against the single-process reference (TP 1, no SP), with sequences that need padding;
+against the single-process reference (TP 1, no SP), with sequences that need padding
+(TP 2 without SP: tests/test_train.py's TP 2 x PP 2 against PP 2);
 the norm that marks its parameters; the schedule refusing chunks that do not run what
 the plan's messages say."""
 
@@ -32,7 +33,7 @@ def padded_sequences(plans, model) -> int:
 @pytest.mark.parametrize("model,transport,memory", [
     ("tiny-vlm", "tags", "planned"), ("tiny-t2v", "nccl-order", "mixed")])
 def test_tp2_pp2_with_sequence_parallelism_matches_one_process(model, transport, memory):
-    plans, spec = build_plans(model, "pipeweaver", 2, 2, 2, 7, sequence_parallel=True)
+    plans, spec = build_plans(model, "pipeweaver", 2, 2, 1, 7, sequence_parallel=True)
     assert all(p.sequence_parallel for p in plans)
     assert padded_sequences(plans, spec), "no sequence of these batches needs padding"
     result = verify(model, "pipeweaver", pp=2, tp=2, batches=[p.batch for p in plans], seed=7,

@@ -171,7 +171,7 @@ def test_data_parallel_gradients_after_the_reduction_and_clipping_equal_one_proc
     compare_gradients(grads, 4, want)
 
 
-@pytest.mark.parametrize("model,port", [("tiny-vlm", 29925), ("tiny-t2v", 29926)])
+@pytest.mark.parametrize("model,port", [("tiny-t2v", 29926)])  # tiny-vlm: test_sequence_parallel
 def test_sequence_parallel_training_at_tp2_pp2_equals_one_process(tmp_path, model, port):
     """TP 2 x PP 2 with --sequence-parallel: every module runs on its TP rank's rows of
     the sequence, messages are those rows; losses and the joined gradients (the norms'

@@ -250,7 +250,7 @@ def test_with_timeline_wait_sends_come_after_the_predicted_transfer():
     timeline = simulate(costs, table, batch_shapes(model, batch, TokenRules.from_model(model)))
     plan = compile_and_check(table, timeline=timeline)
     ends = {a: e for acts, es in zip(timeline.actions, timeline.ends) for a, e in zip(acts, es)}
-    arrival = {label.split("->")[0]: end for *_, end, label in timeline.transfers}
+    arrival = {t.producer: t.end for t in timeline.transfers}
     for rank_plan in plan.ranks:
         last = None
         for _, _, op in flat_ops(rank_plan.ops):
@@ -260,7 +260,7 @@ def test_with_timeline_wait_sends_come_after_the_predicted_transfer():
                 if last == table.ranks[rank_plan.rank][-1]:
                     continue  # the rank's end: every WaitSend left
                 assert last != op.message.sender  # at least one compute after the send
-                assert ends[last] >= arrival[str(op.message.sender)]
+                assert ends[last] >= arrival[op.message.sender]
 
 
 @pytest.mark.parametrize("name", ["tiny-vlm", "vlm-s"])

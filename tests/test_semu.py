@@ -174,8 +174,8 @@ def test_cross_node_links_are_slower():
     costs = CostModel(model, get_hardware("H800"))
     result = simulate(costs, build_baseline(model, "megatron-1f1b"), shapes[0])
     per_byte = {}
-    for src, dst, start, end, label in result.transfers:
-        per_byte.setdefault((src, dst), []).append(end - start)
+    for t in result.transfers:
+        per_byte.setdefault((t.src, t.dst), []).append(t.end - t.start)
     assert min(per_byte[(1, 2)]) > max(per_byte[(0, 1)]) * 2
 
 

@@ -276,7 +276,7 @@ class _Times:
         self.starts, self.ends = timeline.starts, timeline.ends
         self.index = {a: (r, i) for r, actions in enumerate(timeline.actions)
                       for i, a in enumerate(actions)}
-        self.transfer = {label: end for _, _, _, end, label in timeline.transfers}
+        self.transfer = {(t.producer, t.consumer): t.end for t in timeline.transfers}
 
     def end(self, action: Action) -> float:
         r, i = self.index[action]
@@ -288,7 +288,7 @@ class _Times:
 
     def arrival(self, flow: Flow, message: Message) -> float:
         """Predicted end of the transfer (the sender's end where SEMU has no record)."""
-        found = [self.transfer.get(f"{flow.sender}->{c}") for c in flow.consumers]
+        found = [self.transfer.get((flow.sender, c)) for c in flow.consumers]
         found = [t for t in found if t is not None]
         return max(found) if found else self.end(flow.sender)
 

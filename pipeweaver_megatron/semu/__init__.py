@@ -13,8 +13,8 @@ from .memory import StaticMemory, rank_params, static_memory
 from .ops import Op, OpClass, Phase
 from .shapes import ModuleShape, StageShapes, microbatch_shapes
 from .runner import Planner, WorkloadSimulation, simulate_workload
-from .simulate import (BatchShapes, Links, PricedBatch, SimResult, batch_shapes, price, simulate,
-                       transfer_delays)
+from .simulate import (BatchShapes, Links, PricedBatch, SimResult, Transfer, batch_shapes, price,
+                       simulate, transfer_delays)
 from .trace import trace_events, write_plot, write_trace
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "load_calibration", "StuckSchedule", "Timeline", "run_streams", "CostModel", "ReuseStats",
     "StageCost", "Parallel", "PartGraph", "part_graph", "StaticMemory", "rank_params",
     "static_memory", "Op", "OpClass", "Phase", "ModuleShape", "StageShapes",
-    "microbatch_shapes", "BatchShapes", "transfer_delays", "Links", "PricedBatch", "SimResult", "batch_shapes", "price",
+    "microbatch_shapes", "BatchShapes", "transfer_delays", "Transfer", "Links", "PricedBatch", "SimResult", "batch_shapes", "price",
     "simulate", "trace_events", "write_plot", "write_trace", "Planner", "WorkloadSimulation",
     "simulate_workload",
 ]

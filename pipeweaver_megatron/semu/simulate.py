@@ -11,7 +11,7 @@ parallelism and steps the optimizer; the iteration ends when the slowest rank is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Mapping, NamedTuple, Sequence
 
 from ..config import ModelSpec
 from ..ir import Action, Layout, Op, ScheduleTable
@@ -27,6 +27,23 @@ BatchShapes = Mapping[str, Sequence[Sequence[ModuleShape]]]
 """Module -> per microbatch -> per sub-microbatch shape."""
 
 GIB = 2**30
+
+
+class Transfer(NamedTuple):
+    """One simulated P2P message: from the end of ``producer`` on rank src until
+    ``consumer`` on rank dst may start (the actions, not label strings, name it)."""
+
+    src: int
+    dst: int
+    start: float
+    end: float
+    producer: Action
+    consumer: Action
+
+    @property
+    def label(self) -> str:
+        """``producer->consumer``, for traces."""
+        return f"{self.producer}->{self.consumer}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +67,8 @@ class SimResult:
     actions: tuple[tuple[Action, ...], ...]
     starts: tuple[tuple[float, ...], ...]
     ends: tuple[tuple[float, ...], ...]
-    transfers: tuple[tuple[int, int, float, float, str], ...]
-    """(src rank, dst rank, start, end, label) of each P2P message."""
+    transfers: tuple[Transfer, ...]
+    """Every P2P message's transfer."""
 
     @property
     def peak_memory_gib(self) -> list[float]:
@@ -290,7 +307,7 @@ def _result(costs, table, flat, order, compiled: _Compiled, timeline, stage_rank
         for j, delay in found:
             src, dst = stage_rank[flat[j].stage], stage_rank[flat[i].stage]
             if src != dst:
-                transfers.append((src, dst, end[j], end[j] + delay, f"{flat[j]}->{flat[i]}"))
+                transfers.append(Transfer(src, dst, end[j], end[j] + delay, flat[j], flat[i]))
     return SimResult(
         iteration_time_s=iteration, pipeline_time_s=makespan,
         lower_bound_s=max(b + d + o for b, d, o in zip(busy, dp_time, opt_time)) + fixed,

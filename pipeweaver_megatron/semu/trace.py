@@ -36,9 +36,9 @@ def trace_events(result: SimResult, layout: Layout, name: str = "semu") -> dict:
         for time, level in result.memory_timeline[rank]:
             events.append({"ph": "C", "name": "memory", "pid": rank, "ts": time * _US,
                            "args": {"GiB": level / GIB}})
-    for src, dst, start, end, label in result.transfers:
-        events.append({"ph": "X", "name": label, "pid": src, "tid": 1, "ts": start * _US,
-                       "dur": (end - start) * _US, "cat": "p2p", "args": {"to": dst}})
+    for t in result.transfers:
+        events.append({"ph": "X", "name": t.label, "pid": t.src, "tid": 1, "ts": t.start * _US,
+                       "dur": (t.end - t.start) * _US, "cat": "p2p", "args": {"to": t.dst}})
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"name": name, "iteration_time_s": result.iteration_time_s}}
 

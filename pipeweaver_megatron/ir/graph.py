@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .action import Action, Op
 from .execplan import Kind
@@ -106,36 +106,33 @@ class ActionGraph:
     dependencies: tuple[Dependency, ...]
     messages: tuple[Flow, ...]
     """Every cross-rank message, grouped by sending action in id order."""
-    _ids: dict[Action, int] = field(repr=False, compare=False, default_factory=dict)
     _inputs: tuple[tuple[int, ...], ...] = field(repr=False, compare=False, default=())
     _sent: dict[Action, tuple[Flow, ...]] = field(repr=False, compare=False,
                                                   default_factory=dict)
-    _fast: dict[tuple[bool, int, int, int], int] = field(repr=False, compare=False,
-                                                         default_factory=dict)
+    _ids: dict[tuple[bool, int, int, int], int] = field(repr=False, compare=False,
+                                                        default_factory=dict)
+    """(is backward, stage, microbatch, sub) -> id: keys of ints, since hashing an Action
+    hashes its Op, an Enum, in Python (this runs in every simulation)."""
     memo: dict = field(repr=False, compare=False, default_factory=dict)
     """Derived data its readers cache per graph (semu's transfer delays per priced batch)."""
 
     def id(self, action: Action) -> int:
         """The flat id of an action (KeyError for an action the table cannot hold)."""
-        return self._ids[action]
+        return self._ids[(action.op is Op.B, action.stage, action.microbatch, action.sub)]
 
     def ids(self, actions) -> list[int]:
-        """The ids of many actions (keys of ints: hashing an Action hashes its Op, an
-        Enum, in Python; this runs in every simulation)."""
-        fast, B = self._fast, Op.B
-        return [fast[(a.op is B, a.stage, a.microbatch, a.sub)] for a in actions]
+        """The ids of many actions."""
+        ids, B = self._ids, Op.B
+        return [ids[(a.op is B, a.stage, a.microbatch, a.sub)] for a in actions]
 
     def __contains__(self, action: object) -> bool:
-        return action in self._ids
+        return isinstance(action, Action) and (
+            action.op is Op.B, action.stage, action.microbatch, action.sub) in self._ids
 
     def inputs(self, action: Action) -> list[Action]:
         """The actions that must finish before this one, in the order of the Note."""
         return [self.actions[self.dependencies[e].producer]
-                for e in self._inputs[self._ids[action]]]
-
-    def input_edges(self, action: Action) -> Iterator[Dependency]:
-        for e in self._inputs[self._ids[action]]:
-            yield self.dependencies[e]
+                for e in self._inputs[self.id(action)]]
 
     def input_ids(self, i: int) -> tuple[int, ...]:
         """Indices into ``dependencies`` of the inputs of action id i, in order."""
@@ -247,10 +244,10 @@ def _build(layout: Layout, num_microbatches: int, sub_microbatches) -> ActionGra
     return ActionGraph(layout=layout, actions=tuple(actions), rank=rank,
                        dependencies=tuple(deps),
                        messages=tuple(f for a in actions for f in sent.get(a, ())),
-                       _ids=ids, _inputs=tuple(tuple(x) for x in inputs),
+                       _inputs=tuple(tuple(x) for x in inputs),
                        _sent={a: tuple(f) for a, f in sent.items()},
-                       _fast={(a.op is Op.B, a.stage, a.microbatch, a.sub): i
-                              for i, a in enumerate(actions)})
+                       _ids={(a.op is Op.B, a.stage, a.microbatch, a.sub): i
+                             for i, a in enumerate(actions)})
 
 
 def table_flows(table: ScheduleTable) -> list[Flow]:

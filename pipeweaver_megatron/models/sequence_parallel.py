@@ -60,10 +60,7 @@ def scatter(hidden: Tensor, config: TransformerConfig) -> Tensor:
     without sequence parallelism). Backward gathers the gradient."""
     if not config.sequence_parallel:
         return hidden
-    tp = config.tensor_model_parallel_size
-    missing = padded_length(hidden.size(0), tp) - hidden.size(0)
-    if missing:
-        hidden = torch.cat([hidden, hidden.new_zeros(missing, *hidden.shape[1:])])
+    hidden = pad_rows(hidden, whole_rows(hidden.size(0), config))
     return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
 
 

@@ -32,9 +32,8 @@ import torch.distributed as dist
 from megatron.core.utils import get_attr_wrapped_model
 
 from ..ir import Action, Op
-from ..ir.execplan import Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
+from ..ir.execplan import TRANSPORTS, Batch, Compute, PostRecv, Send, WaitRecv, WaitSend
 from ..ir.plan import IterationPlan
-from ..ir.execplan import TRANSPORTS
 from ..models.data import select
 from ..models.memory import layer_memory
 from .executor import ExecutionError, RankExecutor

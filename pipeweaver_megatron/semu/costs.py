@@ -171,10 +171,10 @@ class CostModel:
         rows = graph.output_tokens if spec.kind == ModuleKind.PROJECTOR else \
             -(-graph.output_tokens // shard)
         out = rows * graph.output_hidden
-        lm = next((m for m in self.model.modules if m.kind == ModuleKind.LANGUAGE_MODEL), None)
-        if spec.kind == ModuleKind.GENERATOR and part.last_layer < spec.num_layers \
-                and lm is not None and lm.name in shapes:  # a sub-microbatch's shapes hold
-            out += -(-shapes[lm.name].tokens // shard) * lm.hidden_size  # its own modules only
+        if spec.kind == ModuleKind.GENERATOR and part.last_layer < spec.num_layers:
+            lm = self.model.language_model  # a sub-microbatch's shapes hold its modules only
+            if lm.name in shapes:
+                out += -(-shapes[lm.name].tokens // shard) * lm.hidden_size
         return float(self.parallel.dtype_bytes * out)
 
     def _build(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],

@@ -140,7 +140,7 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
         order.append(range(k, k + len(actions)))
         k += len(actions)
     graph = action_graph(table)
-    delays = transfer_delays(costs, graph, cost)
+    sizes, delays = _transfers(costs, graph, cost)
     deps_of, actions = graph.dependencies, graph.actions
     ids = graph.ids(flat)
     pos = [0] * len(actions)
@@ -164,9 +164,8 @@ def simulate(costs: CostModel, table: ScheduleTable, shapes: BatchShapes,
             dep = deps_of[e]
             found.append((pos[dep.producer], delays[e]))
             if dep.cross_rank:
-                carried = a if backward else actions[dep.producer]  # whose output travels
-                size = cost[carried.stage][carried.microbatch][carried.sub].output_bytes
-                compiled.messages.append((rank, len(compiled.deps), found[-1], size, backward))
+                compiled.messages.append((rank, len(compiled.deps), found[-1], sizes[e],
+                                          backward))
         compiled.deps.append(found)
     timeline = run_streams(order, compiled.duration, compiled.deps)
     return _result(costs, table, flat, order, compiled, timeline, stage_rank,
@@ -229,25 +228,33 @@ def transfer_delays(costs: CostModel, graph: ActionGraph,
     ranks for the forward output it carries (an activation, or that output's gradient);
     0 for a backward's own forward and on one rank. SEMU and the interleaver price
     transfers with it alone."""
+    return _transfers(costs, graph, cost)[1]
+
+
+def _transfers(costs: CostModel, graph: ActionGraph,
+               cost: Sequence[Sequence[Sequence[StageCost]]]) -> tuple[list[float], list[float]]:
+    """(bytes, delay) per dependency, cached on the graph per priced batch."""
     key = (id(costs), id(cost))
     hit = graph.memo.get(key)
     if hit is not None and hit[0] is costs and hit[1] is cost:
         return hit[2]
     per_byte, fixed = Links(costs).between_stages(graph.layout)
-    out = []
+    sizes, delays = [], []
     actions = graph.actions
     for dep in graph.dependencies:
         if dep.kind is EdgeKind.OWN_FORWARD:
-            out.append(0.0)
+            sizes.append(0.0)
+            delays.append(0.0)
             continue
         src, dst = actions[dep.producer], actions[dep.consumer]
         carried = src if dst.op is Op.F else dst  # the forward whose output travels
         size = cost[carried.stage][carried.microbatch][carried.sub].output_bytes
-        out.append(per_byte[src.stage][dst.stage] * size + fixed[src.stage][dst.stage])
+        sizes.append(size)
+        delays.append(per_byte[src.stage][dst.stage] * size + fixed[src.stage][dst.stage])
     if len(graph.memo) >= 8:
         graph.memo.pop(next(iter(graph.memo)))
-    graph.memo[key] = (costs, cost, out)
-    return out
+    graph.memo[key] = (costs, cost, (sizes, delays))
+    return sizes, delays
 
 
 def _p2p_buffers(compiled: _Compiled, timeline, ranks: int) -> list[list]:

@@ -10,7 +10,9 @@ Items (issue 8), each a script of its own run in a fresh process:
    planning cost against batch size, against a monolithic ILP, and on one core;
 6. large_scale: VLM-XL-8k/16k and T2V-XL-3k/6k;
 7. memory_profile: peak and fluctuation per rank;
-8. real_cpu: measured runs on this CPU against SEMU's predictions.
+8. real_cpu: measured runs on this CPU against SEMU's predictions;
+9. default_flags: the user's command with default flags, against 1F1B and against the
+   same plans replayed without the planner (issue 16).
 Then summary.py writes summary.md (the headline tables, with the paper's numbers and
 each item's run time).
 
@@ -60,6 +62,8 @@ ITEMS: list[tuple[str, str, list[str], list[str]]] = [
      ["--iterations", "2", "--budget-ms", "200"]),
     ("real_cpu", "real_cpu", ["--iterations", "20", "--rounds", "3"],
      ["--iterations", "4", "--rounds", "1"]),
+    ("default_flags", "default_flags", ["--rounds", "3"],
+     ["--rounds", "1", "--iterations", "3"]),
     ("activation_memory", "activation_memory", [], ["--models", "tiny-vlm"]),
     ("packed_attention", "packed_attention", ["--repeats", "5"], ["--repeats", "1"]),
 ]

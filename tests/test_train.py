@@ -15,24 +15,44 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 KEYS = {"iteration", "loss", "iteration_time_s", "predicted_time_s", "plan_latency_ms", "fallback"}
 
 
-def train(tmp_path: Path, name: str, procs: int, *flags: str, port: int) -> list[dict]:
+def train(tmp_path: Path, name: str, procs: int, *flags: str, port: int,
+          budget: str | None = "100") -> list[dict]:
+    """budget: --pipeweaver-search-budget-ms (None: the default, auto)."""
     log = tmp_path / f"{name}.jsonl"
+    budget_flags = ["--pipeweaver-search-budget-ms", budget] if budget else []
     done = subprocess.run([str(TORCHRUN), "--nproc-per-node", str(procs), "--master-port", str(port),
                            str(ROOT / "scripts" / "pretrain_lmm.py"), "--pipeweaver",
                            "--pipeweaver-model-config", "tiny-vlm", "--pipeweaver-log", str(log),
-                           "--pipeweaver-search-budget-ms", "100", *flags],
+                           *budget_flags, *flags],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def test_two_ranks_train_and_the_loss_falls(tmp_path):
-    records = train(tmp_path, "pp2", 2, "--pipeline-model-parallel-size", "2", "--train-iters", "8",
-                    "--lr", "3e-3", port=29701)
+def test_two_ranks_train_with_default_flags_and_replay_the_same_plans(tmp_path):
+    """The user's command (auto search budget): the loss falls, every plan is the
+    planner's, each search ran within its budget; the recorded plans, replayed with no
+    planner running, train the very same losses."""
+    flags = ("--pipeline-model-parallel-size", "2", "--train-iters", "8", "--lr", "3e-3")
+    plans = tmp_path / "plans"
+    records = train(tmp_path, "pp2", 2, *flags, "--pipeweaver-record-plans", str(plans),
+                    port=29701, budget=None)
     assert [r["iteration"] for r in records] == list(range(8))
     assert all(KEYS <= set(r) for r in records)
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 - 0.3, losses
+    assert [r["source"] for r in records] == ["planner"] * 8
+    for r in records:
+        assert 0 < r["busiest_compute_s"] <= r["iteration_time_s"]
+        assert r["plan_budget_ms"] > 0 and r["plan_search"]["evaluations"] >= 1
+        if r["plan_cpu_budget_ms"]:  # training on every core: the CPU share bounds it
+            assert r["plan_search"]["cpu_ms"] < r["plan_cpu_budget_ms"] + 300
+    assert len(list(plans.glob("group*/plan_*.json"))) == 8
+    replayed = train(tmp_path, "replay", 2, *flags, "--pipeweaver-replay-plans", str(plans),
+                     port=29662, budget=None)
+    assert [r["source"] for r in replayed] == ["replay"] * 8
+    assert [r["loss"] for r in replayed] == losses
+    assert [r["predicted_time_s"] for r in replayed] == [r["predicted_time_s"] for r in records]
 
 
 def test_tp2_pp2_on_four_ranks_matches_pp2(tmp_path):

@@ -28,6 +28,19 @@ def fault_spec(text: str) -> tuple[str, int]:
     return kind, int(iteration)
 
 
+def budget_ms(text: str) -> float | None:
+    """--pipeweaver-search-budget-ms: milliseconds > 0, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected milliseconds > 0 or auto, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the PipeWeaver group to a Megatron (or any argparse) parser; returns it."""
     group = parser.add_argument_group("pipeweaver", "dynamic modality-aware pipeline schedules")
@@ -38,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--pipeweaver-hardware", help="SEMU hardware profile (default: the spec's)")
     group.add_argument("--pipeweaver-calibration", metavar="FILE",
                        help="SEMU calibration from `pipeweaver profile`")
-    group.add_argument("--pipeweaver-search-budget-ms", type=float, default=1000.0,
-                       help="search time per iteration in the planner process")
+    group.add_argument("--pipeweaver-search-budget-ms", type=budget_ms, default=None,
+                       metavar="MS|auto", help="search time per batch in the planner process; "
+                       "auto (default): follows the measured iteration time and the cores "
+                       "training leaves idle (service/budget.py)")
     group.add_argument("--pipeweaver-lookahead", type=int, default=2,
                        help="global batches planned ahead of training")
     group.add_argument("--pipeweaver-planner-workers", type=int, default=1,
@@ -54,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        default="auto", help="P2P transport: auto is nccl-order on NCCL (a "
                        "communicator per channel, one tag, no batching) and tags on gloo; "
                        "nccl-order on gloo runs NCCL's matching rules on the CPU")
+    group.add_argument("--pipeweaver-record-plans", metavar="DIR",
+                       help="write every plan served (to replay it later)")
+    group.add_argument("--pipeweaver-replay-plans", metavar="DIR",
+                       help="train on the plans recorded in DIR, no planner running (the "
+                            "same data order and flags as the recording run)")
     group.add_argument("--pipeweaver-trace-dir", metavar="DIR",
                        help="write predicted timelines (Perfetto JSON) here")
     group.add_argument("--pipeweaver-log", metavar="FILE.jsonl",

@@ -1,10 +1,17 @@
 """Plans for the training loop: the first rank of each model-parallel group gets the
 next iteration's plan (planner service, or fallback) and broadcasts it to the group, so
-every TP and PP rank runs the same plan (the runtime checks the hash again)."""
+every TP and PP rank runs the same plan (the runtime checks the hash again).
+
+--pipeweaver-record-plans DIR writes every plan served (the wire format, service/wire.py)
+and --pipeweaver-replay-plans DIR trains on them instead of the planner service: the
+same plans with no planner running, to measure what planning costs training. A replayed
+plan is checked like a worker's (wire.read_plan, against this run's batch and layout).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -12,9 +19,11 @@ import torch.distributed as dist
 from ..planner import split_batch
 from ..ir.plan import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
-from ..service import PlannerService, PrefetchingIterator
+from ..service import InvalidPlan, PlannerService, PrefetchingIterator, read_plan
+from ..service.planner_service import cut_layout
+from ..service.wire import decode, encode_plan
 from ..service.worker import make_costs
-from .virtual_stages import layout_reference, service_settings
+from .virtual_stages import service_settings
 from ..workload import TokenRules, sample_workload
 
 
@@ -36,6 +45,9 @@ class _Info:
     waited_ms: float
     predicted_s: float
     bubble: float
+    budget_ms: float | None = None
+    cpu_budget_ms: float | None = None
+    search: dict | None = None
 
 
 class PlanFeed:
@@ -56,12 +68,23 @@ class PlanFeed:
         self.root = dist.get_process_group_ranks(group)[0]
         self.first = dist.get_rank() == self.root
         self.service = self.prefetch = self.costs = None
+        self.record_dir = _group_dir(getattr(args, "pipeweaver_record_plans", None), self.root)
+        self.replay_dir = _group_dir(getattr(args, "pipeweaver_replay_plans", None), self.root)
+        self._served: float | None = None
+        self._eval_batches: dict = {}
+        """Replay: evaluation batches submitted, by key."""
+        payload = [None]
         if self.first:
             settings = service_settings(args, model, parallel or {}, topo.pp, topo.tp,
                                         model_file)
+            self.settings = settings
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
-            self.service = PlannerService(settings).start()
-        payload = [(self.service.layout, self.service.chunks) if self.first else None]
+            if self.replay_dir:
+                cut = cut_layout(settings, model, settings.pp or topo.pp)
+                payload = [(cut.layout, cut.chunks)]
+            else:
+                self.service = PlannerService(settings).start()
+                payload = [(self.service.layout, self.service.chunks)]
         dist.broadcast_object_list(payload, src=self.root, group=group)
         self.layout, self.chunks = payload[0]
         self.iteration = 0
@@ -74,14 +97,21 @@ class PlanFeed:
         self.iteration = iteration
         if self.first:
             source = self.batches[iteration:] if isinstance(self.batches, list) else self.batches
-            self.prefetch = iter(PrefetchingIterator(source, self.service,
+            service = self.service or _NoService()
+            self.prefetch = iter(PrefetchingIterator(source, service,
                                                      self.args.pipeweaver_lookahead, start=iteration))
 
     def next_plan(self) -> IterationPlan:
         """The plan of the current iteration, identical on every rank of the group."""
+        if self.first and self.service is not None and self._served is not None \
+                and self.info is not None:
+            # the time since the last plan was served: the iteration without its wait
+            self.service.observe(time.perf_counter() - self._served, self.info.waited_ms,
+                                 self.info.reason == "late")
         payload = [self._take(self.iteration) if self.first else None]
         dist.broadcast_object_list(payload, src=self.root, group=self.group)
         plan, self.info = payload[0]
+        self._served = time.perf_counter()
         self.fallbacks += self.info.source == "fallback"
         self.iteration += 1
         return plan
@@ -91,24 +121,36 @@ class PlanFeed:
         waiting (evaluation needs it first); returns the key eval_plan takes it by."""
         key = EVAL_KEYS + self._evals
         self._evals += 1
-        if self.first:
+        if self.first and self.service is not None:
             self.service.submit(key, batch, urgent=True)
+        elif self.first:
+            self._eval_batches[key] = batch
         return key
 
     def eval_plan(self, key: int) -> IterationPlan:
         """The searched plan of a submitted evaluation step (the fallback when it is late
         or invalid, as in training), the same on every rank of the group; evaluation
         runs its forwards alone."""
-        payload = [self.service.get(key).plan if self.first else None]
+        plan = None
+        if self.first and self.service is not None:
+            plan = self.service.get(key).plan
+            self._record(key, plan, "planner", None)
+        elif self.first:
+            plan = self._replay(key, self._eval_batches.pop(key))[0]
+        payload = [plan]
         dist.broadcast_object_list(payload, src=self.root, group=self.group)
         return payload[0]
 
     def _take(self, iteration: int) -> tuple[IterationPlan, _Info]:
-        index, _ = next(self.prefetch)
+        index, batch = next(self.prefetch)
         if index != iteration:
             raise RuntimeError(f"plan feed out of step: training is at {iteration}, the "
                                f"prefetcher at {index}")
+        if self.service is None:
+            plan, predicted = self._replay(iteration, batch)
+            return plan, _Info("replay", None, 0.0, 0.0, *predicted)
         outcome = self.service.get(iteration)
+        self._record(iteration, outcome.plan, outcome.source, outcome.predicted)
         trace_dir = self.args.pipeweaver_trace_dir
         if outcome.predicted is not None and not trace_dir:
             predicted_s, bubble = outcome.predicted  # the worker simulated it already
@@ -120,8 +162,42 @@ class PlanFeed:
                 write_trace(predicted, outcome.plan.table.layout,
                             os.path.join(trace_dir, f"predicted_{iteration:06d}.json"),
                             f"{self.model.name} {self.schedule} iteration {iteration} (SEMU)")
+        budget = outcome.budget
         return outcome.plan, _Info(outcome.source, outcome.reason, outcome.latency_ms,
-                                   outcome.waited_ms, predicted_s, bubble)
+                                   outcome.waited_ms, predicted_s, bubble,
+                                   budget.wall_ms if budget else self.settings.budget_ms,
+                                   budget.cpu_ms if budget else None, dict(outcome.search))
+
+    def _record(self, key: int, plan: IterationPlan, source: str, predicted) -> None:
+        """--pipeweaver-record-plans: the plan served for `key`, as a worker sends it."""
+        if not self.record_dir:
+            return
+        os.makedirs(self.record_dir, exist_ok=True)
+        info = {"source": source}
+        if predicted is not None:
+            info.update(predicted_iteration_time_s=predicted[0], predicted_bubble_ratio=predicted[1])
+        with open(os.path.join(self.record_dir, f"plan_{key:014d}.json"), "wb") as f:
+            f.write(encode_plan(key, plan, **info))
+
+    def _replay(self, key: int, batch) -> tuple[IterationPlan, tuple[float, float]]:
+        """--pipeweaver-replay-plans: the recorded plan of `key`, checked against this
+        run's batch and layout; its recorded prediction (or SEMU's now)."""
+        path = os.path.join(self.replay_dir, f"plan_{key:014d}.json")
+        try:
+            with open(path, "rb") as f:
+                message = decode(f.read())
+            s = self.settings
+            plan = read_plan(message, batch, self.layout, s.dtype, s.tp or self.topo.tp,
+                             bool(s.sequence_parallel))
+        except (OSError, ValueError) as exc:  # InvalidPlan is a ValueError
+            kind = "does not fit this run" if isinstance(exc, InvalidPlan) else "unreadable"
+            raise RuntimeError(f"--pipeweaver-replay-plans: {path} {kind}: {exc}") from None
+        info = message.get("info") or {}
+        if "predicted_iteration_time_s" in info:
+            return plan, (float(info["predicted_iteration_time_s"]),
+                          float(info["predicted_bubble_ratio"]))
+        predicted = self.predict(plan)
+        return plan, (predicted.iteration_time_s, predicted.bubble_ratio)
 
     def predict(self, plan: IterationPlan, detail: bool = False):
         """SEMU's prediction of a plan (the same costs the search used)."""
@@ -138,8 +214,22 @@ class PlanFeed:
                 "predicted_time_s": info.predicted_s, "bubble_ratio": info.bubble,
                 "plan_latency_ms": info.latency_ms, "plan_wait_ms": info.waited_ms,
                 "fallback": info.source == "fallback", "fallback_reason": info.reason,
-                "fallbacks": self.fallbacks, "source": info.source, "schedule": self.schedule}
+                "fallbacks": self.fallbacks, "source": info.source, "schedule": self.schedule,
+                "plan_budget_ms": info.budget_ms, "plan_cpu_budget_ms": info.cpu_budget_ms,
+                "plan_search": info.search or {}}
 
     def close(self) -> None:
         if self.service is not None:
             self.service.close()
+
+
+class _NoService:
+    """The prefetcher's submitter when plans are replayed: nothing to plan."""
+
+    def submit(self, iteration: int, batch) -> None:
+        pass
+
+
+def _group_dir(directory: str | None, root: int) -> str | None:
+    """A model-parallel group's folder of recorded plans (its first rank's number)."""
+    return os.path.join(directory, f"group{root:05d}") if directory else None

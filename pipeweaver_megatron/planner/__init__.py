@@ -11,7 +11,7 @@ from .interleave import Interleaved, PlannerError, Problem, build_problem, inter
 from .mcts import SequenceTree, TreeResult
 from .memopt import MemoryPlan, optimize_memory, summarize, transformer_layers
 from .partition import ChunkPlan, PartitionError, choose_sub_size, partition
-from .search import PipeWeaverPlanner, PlanResult, SearchSettings, SearchStats
+from .search import PipeWeaverPlanner, PlanResult, SearchBudget, SearchSettings, SearchStats
 from .submicro import SubMicrobatches, split_batch, split_evenly
 from .systems import PIPEWEAVER, SYSTEMS, make_system
 from ..ir.messages import TensorSpec, stage_inputs, stage_outputs
@@ -23,7 +23,7 @@ __all__ = ["Comparison", "ComparisonBaseline", "build_comparison", "Strategy", "
            "PlannerError", "Problem", "build_problem", "interleave", "SequenceTree",
            "TreeResult", "MemoryPlan", "optimize_memory", "summarize", "transformer_layers",
            "ChunkPlan", "PartitionError", "choose_sub_size", "partition", "PipeWeaverPlanner",
-           "PlanResult", "SearchSettings", "SearchStats", "SubMicrobatches", "split_batch",
+           "PlanResult", "SearchBudget", "SearchSettings", "SearchStats", "SubMicrobatches", "split_batch",
            "split_evenly", "PIPEWEAVER", "SYSTEMS", "make_system", "TensorSpec", "stage_inputs",
            "stage_outputs", "ExecutionPlan", "Kind", "Message", "RankPlan", "rank_plan_stats",
            "PlanCheckError", "check_plan", "compile_table", "table_flows"]

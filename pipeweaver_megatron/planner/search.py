@@ -1,6 +1,7 @@
 """The planner API: one call plans one global batch (PAPER.md, "Search, three phases").
 
-plan(batch, budget_ms, seed):
+plan(batch, budget, seed) (budget: wall-clock ms, or a SearchBudget of wall and CPU time and
+a patience in evaluations):
 1. split the batch into sub-microbatches (the layout is the offline ChunkPlan's);
 2. price every (stage, microbatch, sub) once without and with full recompute (SEMU,
    subgraph reuse);
@@ -66,6 +67,51 @@ class SearchSettings:
     limit, so plans do not depend on the machine's speed. 200 nodes cost T2V-S seconds
     per candidate and gained nothing on VLM-M, T2V-S or T2V-L (SEMU), hence 0."""
     max_evaluations: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchBudget:
+    """When one search stops: at whichever limit comes first (the best plan so far is
+    returned; the final detailed simulation comes after)."""
+
+    wall_ms: float
+    """Wall-clock time from the call."""
+    cpu_ms: float | None = None
+    """The planner process's own CPU time (time.process_time). A planner at idle
+    priority on a machine whose cores all train gets the CPU only while a rank waits:
+    a CPU budget gives it the same search however busy the machine is."""
+    patience: int | None = None
+    """Stop after this many evaluations in a row without a gain of at least `gain`
+    (deterministic: counted in evaluations, not time)."""
+    gain: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.wall_ms < 0 or (self.cpu_ms is not None and self.cpu_ms < 0):
+            raise ValueError(f"search budget: wall_ms and cpu_ms must be >= 0, got "
+                             f"{self.wall_ms} and {self.cpu_ms}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"search budget: patience must be >= 1, got {self.patience}")
+
+
+class _Clock:
+    """The budget's limits, measured from construction."""
+
+    def __init__(self, budget: SearchBudget) -> None:
+        self.budget = budget
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def over(self, evaluations: int, reserve: int = 0) -> bool:
+        """True when the limits leave no room for `reserve` more evaluations at the
+        average cost so far (evaluations made since construction)."""
+        wall, cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+        scale = 1 + reserve / max(evaluations, 1)
+        if wall * scale >= self.budget.wall_ms / 1000:
+            return True
+        return self.budget.cpu_ms is not None and cpu * scale >= self.budget.cpu_ms / 1000
+
+    def stalled(self, evaluations: int, last_gain: int) -> bool:
+        patience = self.budget.patience
+        return patience is not None and evaluations - last_gain >= patience
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +184,10 @@ class _Batch:
     best: tuple[float, tuple, object, object] = (math.inf, (), None, None)
     """(score, sequence, memory plan, table) of the best candidate so far."""
     history: list = field(default_factory=list)
+    gain: float = 1e-3
+    """The budget's smallest gain that counts as progress."""
+    last_gain: int = 0
+    """Evaluation count at the last gain of at least `gain`."""
 
 
 class PipeWeaverPlanner:
@@ -158,14 +208,19 @@ class PipeWeaverPlanner:
     def model(self) -> ModelSpec:
         return self.costs.model
 
-    def plan(self, batch: GlobalBatch, budget_ms: float = 1000.0, seed: int = 0) -> PlanResult:
+    def plan(self, batch: GlobalBatch, budget_ms: float | SearchBudget = 1000.0,
+             seed: int = 0) -> PlanResult:
+        """budget_ms: wall-clock milliseconds, or a SearchBudget."""
         started = time.perf_counter()
-        deadline = started + budget_ms / 1000
+        budget = budget_ms if isinstance(budget_ms, SearchBudget) else SearchBudget(
+            wall_ms=budget_ms)
+        clock = _Clock(budget)
+        unbounded = self.settings.max_evaluations is None
         subs = split_batch(self.model, batch, self.rules, self.chunks.sub_size)
         every = range(self.layout.num_stages)
         base = price(self.costs, self.layout, subs.shapes)
         full = price(self.costs, self.layout, subs.shapes, recompute=every)
-        budget = [self.capacity - s for s in self.static]
+        capacity = [self.capacity - s for s in self.static]
         count = len(batch.microbatches)
         gates = {"base": None, "recompute": _saved(full)}
         cache = CandidateCache(self.costs.hardware.host_bandwidth, self.settings.max_candidates)
@@ -173,26 +228,26 @@ class PipeWeaverPlanner:
         for gate_name, gate in gates.items():
             problem = build_problem(self.costs, self.layout, subs.counts, base.costs, count, gate)
             for start in starting_orders(problem)[:2 if self.settings.reorder else 1]:
-                if state is not None and time.perf_counter() >= deadline \
-                        and self.settings.max_evaluations is None:
+                if state is not None and unbounded and clock.over(1):
                     break  # out of time: keep the best start found so far
-                trial = _Batch(subs, base, full, problem, list(budget), cache, gate_name)
+                trial = _Batch(subs, base, full, problem, list(capacity), cache, gate_name,
+                               gain=budget.gain)
                 self._fit_budget(trial, start, started)
                 if state is None or trial.best[0] < state[2].best[0]:
                     state = (gate_name, start, trial)
         gate_name, start, work = state
         work.history = [(h[0], 0, h[2]) for h in work.history[-1:]]
-        work.evaluations = 0
+        work.evaluations = work.last_gain = 0
         if self.settings.reorder:
             limit = self.settings.max_evaluations
 
             def stop() -> bool:
+                if limit is not None:
+                    return work.evaluations >= limit
                 # Leave time for the final interleave and detailed simulation (about two
-                # candidates).
-                now = time.perf_counter()
-                spent = 2 * (now - started) / max(work.evaluations + len(gates), 1)
-                return now + spent >= deadline or (limit is not None
-                                                            and work.evaluations >= limit)
+                # candidates); the starting orders count as evaluations made.
+                return (clock.over(work.evaluations + len(gates), reserve=2)
+                        or clock.stalled(work.evaluations, work.last_gain))
 
             tree = SequenceTree(len(start),
                                 lambda seq: self._evaluate(work, tuple(start[i] for i in seq), started),
@@ -236,6 +291,8 @@ class PipeWeaverPlanner:
         if excess > 0:
             score += _INFEASIBLE
         work.evaluations += 1
+        if score < work.best[0] * (1 - work.gain):
+            work.last_gain = work.evaluations
         if score < work.best[0]:
             work.best = (score, sequence, memory, table)
             work.history.append(((time.perf_counter() - started) * 1000, work.evaluations,

@@ -25,6 +25,7 @@ from ..planner.partition import ChunkPlan, partition
 from ..planner.systems import PIPEWEAVER
 from ..workload import GlobalBatch
 from .fallback import static_plan, baseline_layout, fallback_plan
+from .budget import BudgetPolicy, Machine
 from .pool import Board, Entry, WorkerPool
 from .settings import Outcome, ServiceError, ServiceSettings, ServiceStats
 from .worker import make_costs
@@ -69,6 +70,9 @@ class PlannerService:
         """The run's cost model (pipeweaver), for the static-order fallback."""
         self.layout = None
         self._board = Board()
+        if settings.budget_ms is None and settings.max_evaluations is None:
+            self._board.policy = BudgetPolicy(settings.workers, settings.lookahead,
+                                              Machine.detect())
         self._pool: WorkerPool | None = None
         self._state = "new"
 
@@ -139,7 +143,7 @@ class PlannerService:
                 board.fallbacks[reason.split(":")[0]] += 1
         if plan is not None:
             return Outcome(iteration=iteration, plan=plan, source="planner",
-                           predicted=entry.predicted,
+                           predicted=entry.predicted, budget=entry.budget, search=entry.search,
                            latency_ms=(entry.ready - entry.submitted) * 1000, waited_ms=waited)
         s = self.settings
         plan, name = self.fallback(entry.batch)
@@ -147,6 +151,18 @@ class PlannerService:
                     f"late: no plan after {s.timeout_ms:g} ms" if reason == "late" else reason)
         return Outcome(iteration=iteration, plan=plan, source="fallback", reason=reason,
                        latency_ms=(time.perf_counter() - entry.submitted) * 1000, waited_ms=waited)
+
+    def observe(self, busy_s: float, waited_ms: float, late: bool) -> None:
+        """A trained iteration's time without the wait for its plan, that wait, and
+        whether the plan was late: the auto budget follows them (nothing without it)."""
+        with self._board.cond:
+            if self._board.policy is not None:
+                self._board.policy.observe(busy_s, waited_ms, late)
+
+    @property
+    def policy(self) -> BudgetPolicy | None:
+        """The auto budget's policy (None with a fixed budget_ms)."""
+        return self._board.policy
 
     def fallback(self, batch: GlobalBatch) -> tuple[IterationPlan, str]:
         """The plan of `batch` without the search, and its name: the static order of the

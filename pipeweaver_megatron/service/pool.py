@@ -2,7 +2,9 @@
 
 The Board holds what the training side and the collector share, guarded by its
 condition. The collector hands each ready, idle worker the oldest pending iteration,
-reads answers, checks every plan (wire.read_plan) outside the lock, notices a dead
+reads answers, checks every plan (wire.read_plan: the samples, layout, dtype and hash;
+the worker already validated the table and execution plan, off the training ranks'
+critical path) outside the lock, notices a dead
 worker (its process sentinel) or one busy on one batch longer than the hang limit,
 kills and restarts it: the iteration it held fails ("planner died", "hung"), the
 pending ones go to the new worker. Workers start with the "spawn" context (no fork:
@@ -22,7 +24,9 @@ from multiprocessing.connection import wait as wait_any
 from ..ir import Layout
 from ..ir.plan import IterationPlan
 from ..planner.partition import ChunkPlan
+from ..planner.search import SearchBudget
 from ..workload import GlobalBatch
+from .budget import BudgetPolicy
 from .settings import ServiceSettings
 from .wire import InvalidPlan, decode, read_plan
 from .worker import worker_main
@@ -43,6 +47,10 @@ class Entry:
     failure: str | None = None
     predicted: tuple[float, float] | None = None
     """The worker's (iteration time, bubble ratio) prediction of the plan."""
+    budget: SearchBudget | None = None
+    """The search budget it was dispatched with (auto budgets; None: the settings')."""
+    search: dict = field(default_factory=dict)
+    """The worker's facts about the search (planning_ms, cpu_ms, evaluations)."""
 
     @property
     def done(self) -> bool:
@@ -63,6 +71,8 @@ class Board:
     broken: str | None = None
     """Why no worker can plan any more (every batch then falls back)."""
     running: bool = True
+    policy: BudgetPolicy | None = None
+    """Each task's budget under the auto budget (None: the settings' budget_ms)."""
 
 
 @dataclass
@@ -75,6 +85,8 @@ class _Worker:
     alive: bool = True
     current: int | None = None
     since: float = 0.0
+    limit_s: float = 0.0
+    """Busy on one task longer than this: hung."""
 
 
 class WorkerPool:
@@ -114,7 +126,7 @@ class WorkerPool:
         tasks_r, tasks_w = self._ctx.Pipe(duplex=False)
         results_r, results_w = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(target=worker_main, name=f"pipeweaver-planner-{index}",
-                                    args=(tasks_r, results_w, self.settings, self.chunks),
+                                    args=(tasks_r, results_w, self.settings, self.chunks, self.layout),
                                     daemon=True)
         process.start()
         tasks_r.close()
@@ -138,9 +150,9 @@ class WorkerPool:
                 if sentinel in sentinels and sentinels[sentinel].alive:
                     self._receive(sentinels[sentinel])  # what it sent before dying
                     self._replace(sentinels[sentinel], "planner died")
-            now, limit = time.perf_counter(), self.settings.hang_limit_ms / 1000
+            now = time.perf_counter()
             for worker in [w for w in self._workers if w.alive and w.current is not None]:
-                if now - worker.since > limit:
+                if now - worker.since > worker.limit_s:
                     self._replace(worker, "hung")
             self._dispatch()
 
@@ -173,11 +185,14 @@ class WorkerPool:
                 worker.current = None
         plan, failure = None, None
         if entry is not None and not entry.done and kind == "plan":
-            try:
+            try:  # the worker validated the table and execution plan (off the critical path)
                 plan = read_plan(message, entry.batch, self.layout, self.settings.dtype, self.tp,
-                                 bool(self.settings.sequence_parallel))
+                                 bool(self.settings.sequence_parallel),
+                                 validated=bool(message.get("validated")))
             except InvalidPlan as exc:
                 failure = f"invalid plan: {exc}"
+        elif kind == "invalid":
+            failure = f"invalid plan: {message.get('error')}"
         elif kind != "plan":
             failure = f"planner error: {message.get('error', kind)}"
             log.debug("planner error on iteration %d:\n%s", iteration, message.get("traceback"))
@@ -186,9 +201,12 @@ class WorkerPool:
                 board.discarded += 1
                 return
             entry.plan, entry.failure, entry.ready = plan, failure, time.perf_counter()
-            if plan is not None and "predicted_iteration_time_s" in message:
-                entry.predicted = (float(message["predicted_iteration_time_s"]),
-                                   float(message["predicted_bubble_ratio"]))
+            info = message.get("info") if isinstance(message.get("info"), dict) else {}
+            entry.search = {k: info[k] for k in ("planning_ms", "cpu_ms", "evaluations")
+                            if isinstance(info.get(k), (int, float))}
+            if plan is not None and "predicted_iteration_time_s" in info:
+                entry.predicted = (float(info["predicted_iteration_time_s"]),
+                                   float(info["predicted_bubble_ratio"]))
             board.cond.notify_all()
 
     def _replace(self, worker: _Worker, reason: str) -> None:
@@ -230,11 +248,17 @@ class WorkerPool:
                 if not board.pending:
                     break
                 iteration = board.pending.popleft()
+                entry = board.entries[iteration]
+                entry.budget = board.policy.next() if board.policy is not None else None
+                wall = entry.budget.wall_ms if entry.budget is not None else None
                 worker.current, worker.since = iteration, time.perf_counter()
-                sends.append((worker, iteration, board.entries[iteration].batch))
-        for worker, iteration, batch in sends:
+                worker.limit_s = (self.settings.hang_limit_ms if wall is None or
+                                  self.settings.hang_ms is not None else
+                                  3 * wall + self.settings.timeout_ms) / 1000
+                sends.append((worker, iteration, entry.batch, entry.budget))
+        for worker, iteration, batch, budget in sends:
             try:
-                worker.tasks.send((iteration, batch))
+                worker.tasks.send((iteration, batch, budget))
             except (OSError, ValueError):
                 pass  # it died: its sentinel fails the iteration
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 from ..ir.plan import IterationPlan
+from ..planner.search import SearchBudget
 from ..planner.systems import PIPEWEAVER, RUNNABLE
 from ..config import ModelSpec, load_model
 from ..workload import GlobalBatch, TokenRules
@@ -51,8 +52,11 @@ class ServiceSettings:
     schedule: str = PIPEWEAVER
     """"pipeweaver" searches a plan per batch; megatron-1f1b / megatron-interleaved build
     the baseline plans in the workers, so comparisons run through the same path."""
-    budget_ms: float = 500.0
-    """Search budget per batch (wall clock)."""
+    budget_ms: float | None = 500.0
+    """Search budget per batch (wall clock); None: auto, each batch's budget follows the
+    measured iteration time and the node's idle cores (budget.py)."""
+    lookahead: int = 2
+    """Batches the training side submits ahead (the auto budget's window)."""
     max_evaluations: int | None = None
     """Bound the search by candidate evaluations instead of the budget (reproducible
     across machines: a seed and a count always give the same plan)."""
@@ -87,7 +91,7 @@ class ServiceSettings:
             raise ValueError(f"fallback {self.fallback!r}: one of {', '.join(FALLBACKS)}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.budget_ms <= 0 or self.timeout_ms < 0:
+        if (self.budget_ms is not None and self.budget_ms <= 0) or self.timeout_ms < 0:
             raise ValueError(f"budget_ms must be > 0 and timeout_ms >= 0, got "
                              f"{self.budget_ms} and {self.timeout_ms}")
         if self.max_evaluations is not None and self.max_evaluations < 1:
@@ -101,7 +105,10 @@ class ServiceSettings:
 
     @property
     def hang_limit_ms(self) -> float:
-        return self.hang_ms if self.hang_ms is not None else 3 * self.budget_ms + self.timeout_ms
+        """The hang limit of a task planned with the settings' budget (auto: the pool
+        applies 3 * the task's own wall budget + timeout_ms)."""
+        budget = self.budget_ms if self.budget_ms is not None else UNLIMITED_MS
+        return self.hang_ms if self.hang_ms is not None else 3 * budget + self.timeout_ms
 
     def resolve(self) -> "RunModel":
         """The model spec with the run's parallel overrides, its token rules, and the
@@ -143,6 +150,10 @@ class Outcome:
     predicted: tuple[float, float] | None = None
     """SEMU's (iteration time s, bubble ratio) of a searched plan, from the worker that
     simulated it anyway (None for fallbacks and baseline schedules)."""
+    budget: SearchBudget | None = None
+    """The auto budget the search ran with (None: the settings' budget_ms)."""
+    search: Mapping[str, float] = field(default_factory=dict)
+    """The worker's planning_ms, cpu_ms and evaluations (empty for fallbacks)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,11 @@ read_plan checks, in this order, and raises InvalidPlan naming the first failure
 readable; every sample of the batch exactly once and in the batch's microbatches; the
 microbatch count; the run's layout; dtype and tp; the sub-microbatch members against
 the table's counts; the table itself (ir.validate); the execution plan against the
-table (planner.check_plan); the content hash the worker sent.
+table (planner.check_plan); the content hash the worker sent. The worker runs the whole
+check on its own message before sending it (at idle priority, off the training ranks'
+critical path) and says so ("validated"); the parent then repeats all but the table and
+execution-plan checks, so what it serves still names exactly the batch it submitted and
+hashes to what the worker checked.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ def decode(data: bytes) -> dict[str, Any]:
     return message
 
 
-def encode_plan(iteration: int, plan: IterationPlan, **info: Any) -> bytes:
-    """The plan message of one iteration (info: planning time, prediction, ...)."""
-    return encode("plan", schema_version=WIRE_VERSION, iteration=iteration,
+def encode_plan(iteration: int, plan: IterationPlan, validated: bool = False,
+                **info: Any) -> bytes:
+    """The plan message of one iteration (info: planning time, prediction, ...);
+    validated: the sender vouches that read_plan accepts it."""
+    return encode("plan", schema_version=WIRE_VERSION, iteration=iteration, validated=validated,
                   hash=plan.content_hash, table=plan.table.to_json(),
                   execution=plan.execution.to_json(),
                   microbatches=[list(mb.sample_ids) for mb in plan.batch.microbatches],
@@ -56,8 +62,11 @@ def encode_plan(iteration: int, plan: IterationPlan, **info: Any) -> bytes:
 
 
 def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype: str,
-              tp: int, sequence_parallel: bool = False) -> IterationPlan:
-    """The checked IterationPlan of a plan message for `batch` (see the module note)."""
+              tp: int, sequence_parallel: bool = False, validated: bool = False
+              ) -> IterationPlan:
+    """The checked IterationPlan of a plan message for `batch` (see the module note).
+    validated: the worker ran this same check on the message it sent (the parent then
+    skips the table and execution-plan checks, the costly part, and keeps the rest)."""
     try:
         if message.get("schema_version") != WIRE_VERSION:
             raise ValueError(f"schema_version {message.get('schema_version')!r}, "
@@ -95,8 +104,9 @@ def read_plan(message: dict[str, Any], batch: GlobalBatch, layout: Layout, dtype
                 or sub >= table.subs(stage, m):
             raise InvalidPlan(f"memory: no forward ({stage}, {m}, {sub}) in the table")
     try:
-        validate(table)
-        check_plan(execution, table)
+        if not validated:
+            validate(table)
+            check_plan(execution, table)
     except (ScheduleValidationError, PlanCheckError) as exc:
         raise InvalidPlan(_first_line(exc)) from None
     plan = IterationPlan(table=table, execution=execution, batch=batch, members=members,

@@ -1,9 +1,11 @@
 """A planner worker: a spawned process that plans one batch at a time.
 
 Protocol (one pipe each way, so a worker killed mid-message corrupts only its own pipe):
-the parent sends `(iteration, GlobalBatch)` tasks, one at a time, and None to stop; the
-worker answers JSON messages (wire.py): "ready" once its planner is built, "error" if it
-could not be built, then per task a "plan" or a "failed" (the planner raised).
+the parent sends `(iteration, GlobalBatch, SearchBudget | None)` tasks, one at a time
+(None: the settings' budget_ms), and None to stop; the worker answers JSON messages
+(wire.py): "ready" once its planner is built, "error" if it could not be built, then per
+task a "plan" (checked by the worker with wire.read_plan, as the parent would), an
+"invalid" (that check failed) or a "failed" (the planner raised).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Any
 from ..config import ModelSpec, get_hardware
 from ..planner.iteration import IterationPlan, plan_iteration
 from ..planner.partition import ChunkPlan
-from ..planner.search import PipeWeaverPlanner, SearchSettings
+from ..ir import Layout
+from ..planner.search import PipeWeaverPlanner, SearchBudget, SearchSettings
 from ..planner.systems import PIPEWEAVER
 from ..semu import CostModel, load_calibration
 from ..workload import GlobalBatch
 from .fallback import fallback_plan
 from .settings import UNLIMITED_MS, ServiceSettings
-from .wire import encode, encode_plan
+from .wire import InvalidPlan, decode, encode, encode_plan, read_plan
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Element size of the run's activation dtype (ServiceSettings.dtype)."""
@@ -57,26 +60,35 @@ class BatchPlanner:
                 SearchSettings(max_evaluations=settings.max_evaluations)
             self.planner = PipeWeaverPlanner(make_costs(settings, self.model), chunks, search)
 
-    def plan(self, iteration: int, batch: GlobalBatch) -> tuple[IterationPlan, dict[str, Any]]:
-        """The plan of one iteration (seed + iteration) and facts for the logs."""
-        started = time.perf_counter()
+    def plan(self, iteration: int, batch: GlobalBatch, budget: SearchBudget | None = None
+             ) -> tuple[IterationPlan, dict[str, Any]]:
+        """The plan of one iteration (seed + iteration) and facts for the logs; budget:
+        the search's (None: the settings' budget_ms)."""
+        started, cpu = time.perf_counter(), time.process_time()
         if self.planner is None:
             plan = fallback_plan(self.model, batch, self.rules, self.settings.schedule, self.pp,
                                  self.tp, self.settings.dtype, self.sequence_parallel)
             return plan, {"planning_ms": (time.perf_counter() - started) * 1000}
-        budget = self.settings.budget_ms if self.settings.max_evaluations is None else UNLIMITED_MS
+        if self.settings.max_evaluations is not None:
+            budget = UNLIMITED_MS
+        elif budget is None:
+            budget = self.settings.budget_ms if self.settings.budget_ms is not None \
+                else SearchBudget(wall_ms=500.0)
         result = self.planner.plan(batch, budget, self.settings.seed + iteration)
         plan = plan_iteration(self.model, result.table, batch, self.rules, self.settings.dtype,
                               self.tp, result.sub_microbatches.members, result.simulation,
                               result.memory.strategies, self.sequence_parallel)
         return plan, {"planning_ms": (time.perf_counter() - started) * 1000,
+                      "cpu_ms": (time.process_time() - cpu) * 1000,
                       "predicted_iteration_time_s": result.predicted_iteration_time_s,
                       "predicted_bubble_ratio": result.simulation.bubble_ratio,
                       "evaluations": result.search.evaluations}
 
 
-def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | None) -> None:
-    """Entry point of a spawned worker (tasks, results: multiprocessing connections)."""
+def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | None,
+                layout: Layout) -> None:
+    """Entry point of a spawned worker (tasks, results: multiprocessing connections;
+    layout: the run's, which every plan is checked against)."""
     if settings.niceness and hasattr(os, "nice"):
         os.nice(settings.niceness)  # spare CPU only: training ranks keep their cores
     if settings.niceness and hasattr(os, "SCHED_IDLE"):
@@ -94,16 +106,17 @@ def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | N
             return  # the parent is gone
         if task is None:
             return
-        iteration, batch = task
+        iteration, batch, budget = task
         fault = settings.faults.get(iteration)
         try:
             if fault == "planner-hang":
                 while True:
                     time.sleep(3600)
-            plan, info = planner.plan(iteration, batch)
+            plan, info = planner.plan(iteration, batch, budget)
             if fault == "planner-crash":
                 os._exit(1)
-            message = encode_plan(iteration, corrupt(plan, fault), **info)
+            message = checked(encode_plan(iteration, corrupt(plan, fault), validated=True,
+                                          **info), iteration, batch, layout, planner)
         except Exception as exc:  # noqa: BLE001 - the parent falls back for this batch
             message = encode("failed", iteration=iteration,
                              error=f"{type(exc).__name__}: {exc}".splitlines()[0],
@@ -112,6 +125,17 @@ def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | N
             results.send_bytes(message)
         except (BrokenPipeError, OSError):
             return
+
+
+def checked(message: bytes, iteration: int, batch: GlobalBatch, layout: Layout,
+            planner: BatchPlanner) -> bytes:
+    """The message if wire.read_plan accepts it as the parent would, else an "invalid"."""
+    try:
+        read_plan(decode(message), batch, layout, planner.settings.dtype, planner.tp,
+                  planner.sequence_parallel)
+    except InvalidPlan as exc:
+        return encode("invalid", iteration=iteration, error=str(exc))
+    return message
 
 
 def corrupt(plan: IterationPlan, fault: str | None) -> IterationPlan:
@@ -133,4 +157,4 @@ def corrupt(plan: IterationPlan, fault: str | None) -> IterationPlan:
     return plan
 
 
-__all__ = ["BatchPlanner", "corrupt", "make_costs", "worker_main"]
+__all__ = ["BatchPlanner", "checked", "corrupt", "make_costs", "worker_main"]

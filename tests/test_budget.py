@@ -1,0 +1,106 @@
+"""The auto search budget: the policy follows the measured iteration time, the cores
+training leaves idle and late plans; the search honours each limit of a SearchBudget."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeweaver_megatron.config import get_hardware, load_model
+from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchBudget, partition
+from pipeweaver_megatron.semu import CostModel
+from pipeweaver_megatron.service.budget import (CPU_SHARE, FIRST_WALL_MS, PATIENCE,
+                                                BudgetPolicy, Machine)
+from pipeweaver_megatron.workload import sample_workload
+
+MODEL = load_model("tiny-vlm")
+COSTS = CostModel(MODEL, get_hardware("cpu"))
+BATCHES = sample_workload(MODEL, MODEL.dataset, 3, seed=11)
+PLANNER = PipeWeaverPlanner(COSTS, partition(COSTS, num_ranks=2, reference=BATCHES[0]))
+
+
+def steady(policy: BudgetPolicy, seconds: float, times: int = 5) -> None:
+    for _ in range(times):
+        policy.observe(seconds, waited_ms=0.0, late=False)
+
+
+def test_a_free_core_per_worker_gets_half_the_lookahead_window_and_no_cpu_limit():
+    policy = BudgetPolicy(workers=2, lookahead=2, machine=Machine(cores=8, training=4))
+    assert policy.next().wall_ms == FIRST_WALL_MS and policy.next().cpu_ms is None
+    steady(policy, 0.8)
+    budget = policy.next()
+    # a plan may take min(lookahead, workers) = 2 iterations; half of them is searched
+    assert budget.wall_ms == pytest.approx(800.0) and budget.cpu_ms is None
+    assert budget.patience == PATIENCE
+
+
+def test_training_on_every_core_bounds_the_planner_cpu_to_a_share_of_the_iteration():
+    policy = BudgetPolicy(workers=1, lookahead=2, machine=Machine(cores=2, training=2))
+    steady(policy, 1.0)
+    budget = policy.next()
+    assert budget.cpu_ms == pytest.approx(CPU_SHARE * 1000)
+    assert budget.wall_ms == pytest.approx(500.0)  # min(2, 1) iterations, half of it
+
+
+def test_the_iteration_time_is_a_median_robust_to_one_slow_step():
+    policy = BudgetPolicy(workers=1, lookahead=1, machine=Machine(cores=4, training=1))
+    for seconds in (1.0, 1.0, 30.0, 1.0, 1.0):  # an evaluation step or a checkpoint
+        policy.observe(seconds, waited_ms=0.0, late=False)
+    assert policy.next().wall_ms == pytest.approx(500.0)
+
+
+def test_late_plans_halve_the_budget_and_on_time_plans_grow_it_back():
+    policy = BudgetPolicy(workers=1, lookahead=2, machine=Machine(cores=4, training=2))
+    steady(policy, 1.0)
+    full = policy.next().wall_ms
+    policy.observe(1.0, waited_ms=0.0, late=True)
+    assert policy.next().wall_ms == pytest.approx(full / 2)
+    policy.observe(1.0, waited_ms=200.0, late=False)  # waited 20% of an iteration: slow too
+    assert policy.next().wall_ms == pytest.approx(full / 4)
+    steady(policy, 1.0, times=20)
+    assert policy.next().wall_ms == pytest.approx(full)  # never above the rule's value
+
+
+def test_without_lookahead_the_plan_is_on_the_critical_path_and_costs_little():
+    policy = BudgetPolicy(workers=1, lookahead=0, machine=Machine(cores=8, training=1))
+    steady(policy, 2.0)
+    assert policy.next().wall_ms == pytest.approx(40.0)
+
+
+def test_machine_detection_reads_the_launchers_local_size(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    machine = Machine.detect()
+    assert machine.training == 3 and machine.cores >= 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    assert Machine.detect().training == 4
+
+
+def test_patience_stops_the_search_after_that_many_evaluations_without_a_gain():
+    hours = 3_600_000.0
+    short = PLANNER.plan(BATCHES[0], SearchBudget(wall_ms=hours, patience=15), seed=3).search
+    longer = PLANNER.plan(BATCHES[0], SearchBudget(wall_ms=hours, patience=60), seed=3).search
+    assert 15 <= short.evaluations <= longer.evaluations
+    # no improvement of 0.1% or more in the last 15 evaluations before the stop
+    best = None
+    for _, evaluation, seconds in short.history:
+        if evaluation > short.evaluations - 15 and best is not None:
+            assert (best - seconds) / best < 1e-3, short.history
+        best = seconds
+
+
+def test_a_cpu_budget_bounds_the_search_whatever_the_wall_budget():
+    started = time.process_time()
+    result = PLANNER.plan(BATCHES[1], SearchBudget(wall_ms=3_600_000.0, cpu_ms=30.0), seed=3)
+    used_ms = (time.process_time() - started) * 1000
+    free = PLANNER.plan(BATCHES[1], SearchBudget(wall_ms=600.0), seed=3)
+    assert result.search.evaluations < free.search.evaluations
+    assert used_ms < 30.0 + 400.0  # the limit, plus pricing and the final simulation
+
+
+def test_a_budget_with_a_negative_limit_is_refused():
+    with pytest.raises(ValueError, match="cpu_ms"):
+        SearchBudget(wall_ms=10.0, cpu_ms=-1.0)
+    with pytest.raises(ValueError, match="patience"):
+        SearchBudget(wall_ms=10.0, patience=0)

@@ -1,5 +1,7 @@
 """The auto search budget: the policy follows the measured iteration time, the cores
-training leaves idle and late plans; the search honours each limit of a SearchBudget."""
+training leaves idle and late plans; the search honours each limit of a SearchBudget.
+And SEMU's online calibration: refitted runtime terms recover a machine's measured
+action times, outliers left out."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import time
 import pytest
 
 from pipeweaver_megatron.config import get_hardware, load_model
+from pipeweaver_megatron.ir import Op
 from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchBudget, partition
 from pipeweaver_megatron.semu import CostModel
+from pipeweaver_megatron.semu.online import Measured, OnlineCalibration
 from pipeweaver_megatron.service.budget import (CPU_SHARE, FIRST_WALL_MS, PATIENCE,
                                                 BudgetPolicy, Machine)
 from pipeweaver_megatron.workload import sample_workload
@@ -104,3 +108,54 @@ def test_a_budget_with_a_negative_limit_is_refused():
         SearchBudget(wall_ms=10.0, cpu_ms=-1.0)
     with pytest.raises(ValueError, match="patience"):
         SearchBudget(wall_ms=10.0, patience=0)
+
+
+# -- SEMU calibrated online (semu/online.py) ------------------------------------------
+
+
+def synthetic_measurement(result, calibration, overhead_s: float, scale: float,
+                          outside_s: float, spoil: int = 0) -> Measured:
+    """What a machine `scale` times slower than SEMU's raw compute, with `overhead_s` per
+    action, measures for a plan SEMU predicted with `calibration`; `spoil` actions take
+    50x as long (a preempted rank)."""
+    actions = {}
+    for acts, starts, ends in zip(result.actions, result.starts, result.ends):
+        for action, start, end in zip(acts, starts, ends):
+            kind = "+".join(PLANNER.layout.stages[action.stage].modules)
+            terms, phase = calibration.runtime_terms(kind), 0 if action.op == Op.F else 1
+            raw = (end - start - terms.overhead_s[phase]) / terms.scale[phase]
+            actions[str(action)] = overhead_s + scale * raw
+    for label in sorted(actions)[:spoil]:
+        actions[label] *= 50
+    return Measured(actions, outside_s)
+
+
+def planner_for(calibration) -> PipeWeaverPlanner:
+    """The worker's planner after a refit: the same chunks, priced with `calibration`."""
+    return PipeWeaverPlanner(CostModel(MODEL, get_hardware("cpu"), calibration=calibration),
+                             PLANNER.chunks)
+
+
+def test_online_fit_recovers_the_runtime_terms_and_ignores_outliers():
+    online = OnlineCalibration(COSTS.calibration)
+    for key, batch in enumerate(BATCHES * 2):  # as a worker: each plan priced with the last fit
+        used = online.current
+        result = planner_for(used).plan(batch, SearchBudget(wall_ms=50.0), seed=key)
+        online.planned(key, result.simulation, PLANNER.layout)
+        fitted = online.measured(key, synthetic_measurement(result.simulation, used, 0.002,
+                                                            3.0, 0.05, spoil=3))
+        assert fitted is not None and online.fits == key + 1
+    assert fitted.action_scale == pytest.approx((3.0, 3.0), rel=0.01)
+    assert fitted.action_overhead_s == pytest.approx((0.002, 0.002), rel=0.05)
+    assert fitted.iteration_overhead_s == pytest.approx(0.05)
+    for terms in fitted.chunk_runtime.values():  # kinds with enough actions of their own
+        assert terms.scale == pytest.approx((3.0, 3.0), rel=0.01)
+
+
+def test_online_fit_needs_the_plan_it_measures():
+    online = OnlineCalibration(COSTS.calibration)
+    assert online.measured(7, Measured({"0F0": 0.1}, 0.0)) is None  # another worker's plan
+    result = PLANNER.plan(BATCHES[0], SearchBudget(wall_ms=20.0), seed=1)
+    online.planned(7, result.simulation, PLANNER.layout)
+    assert online.measured(7, Measured({}, 0.0)) is None  # nothing matched
+    assert online.current is COSTS.calibration

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        metavar="MS|auto", help="search time per batch in the planner process; "
                        "auto (default): follows the measured iteration time and the cores "
                        "training leaves idle (service/budget.py)")
+    group.add_argument("--pipeweaver-online-calibration", choices=("on", "off"), default="on",
+                       help="refit SEMU's runtime terms from every trained iteration's "
+                            "measured compute times (semu/online.py)")
     group.add_argument("--pipeweaver-lookahead", type=int, default=2,
                        help="global batches planned ahead of training")
     group.add_argument("--pipeweaver-planner-workers", type=int, default=1,

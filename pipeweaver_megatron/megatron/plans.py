@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..planner import split_batch
 from ..ir.plan import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
+from ..semu.online import Measured
 from ..service import InvalidPlan, PlannerService, PrefetchingIterator, read_plan
 from ..service.planner_service import cut_layout
 from ..service.wire import decode, encode_plan
@@ -65,12 +66,21 @@ class PlanFeed:
         self.args, self.model, self.batches, self.topo, self.group = args, model, batches, topo, group
         self.rules = TokenRules.from_model(model)
         self.schedule = args.pipeweaver_schedule
+        self.online = getattr(args, "pipeweaver_online_calibration", "off") == "on"
         self.root = dist.get_process_group_ranks(group)[0]
         self.first = dist.get_rank() == self.root
         self.service = self.prefetch = self.costs = None
         self.record_dir = _group_dir(getattr(args, "pipeweaver_record_plans", None), self.root)
         self.replay_dir = _group_dir(getattr(args, "pipeweaver_replay_plans", None), self.root)
         self._served: float | None = None
+        """When the last plan was handed to the schedule (perf_counter)."""
+        self._elapsed: tuple[int, float] | None = None
+        """(iteration, seconds) the training loop last reported through record()."""
+        self.timeline_source = None
+        """() -> (training calls so far, the last one's measured ops): the schedule's
+        (open_plans sets it); with the online calibration on, each iteration's compute
+        times go back to the planner workers."""
+        self._reported = 0
         self._eval_batches: dict = {}
         """Replay: evaluation batches submitted, by key."""
         payload = [None]
@@ -103,11 +113,7 @@ class PlanFeed:
 
     def next_plan(self) -> IterationPlan:
         """The plan of the current iteration, identical on every rank of the group."""
-        if self.first and self.service is not None and self._served is not None \
-                and self.info is not None:
-            # the time since the last plan was served: the iteration without its wait
-            self.service.observe(time.perf_counter() - self._served, self.info.waited_ms,
-                                 self.info.reason == "late")
+        self._feedback()
         payload = [self._take(self.iteration) if self.first else None]
         dist.broadcast_object_list(payload, src=self.root, group=self.group)
         plan, self.info = payload[0]
@@ -115,6 +121,34 @@ class PlanFeed:
         self.fallbacks += self.info.source == "fallback"
         self.iteration += 1
         return plan
+
+    def _feedback(self) -> None:
+        """Before the next plan: tell the service how the last iteration went (the auto
+        budget's observation, on the first rank) and, with the online calibration, send
+        every rank's measured compute times of it (one gather over the group)."""
+        if self._served is None or self.info is None:
+            return
+        key = self.iteration - 1
+        busy = time.perf_counter() - self._served  # the iteration without its plan wait
+        if self._elapsed is not None and self._elapsed[0] == key:
+            busy = max(self._elapsed[1] - self.info.waited_ms / 1000, 0.0)
+        if self.first and self.service is not None:
+            self.service.observe(busy, self.info.waited_ms, self.info.reason == "late")
+        if not (self.online and self.timeline_source is not None):
+            return
+        calls, timeline = self.timeline_source()
+        if calls <= self._reported:
+            return  # no training step since the last plan (all ranks agree)
+        self._reported = calls
+        mine = ({op[len("Compute("):-1]: end - start for _, op, start, end in timeline
+                 if op.startswith("Compute(")},
+                timeline[-1][3] - timeline[0][2] if timeline else 0.0)
+        gathered = [None] * dist.get_world_size(self.group) if self.first else None
+        dist.gather_object(mine, gathered, dst=self.root, group=self.group)
+        if self.first and self.service is not None:
+            actions = {label: seconds for ops, _ in gathered for label, seconds in ops.items()}
+            span = max(s for _, s in gathered)
+            self.service.measured(key, Measured(actions, max(busy - span, 0.0)))
 
     def submit_eval(self, batch) -> int:
         """Queue an evaluation step's batch for the search, before the training batches
@@ -208,10 +242,12 @@ class PlanFeed:
         return simulate(self.costs, plan.table, shapes, detail=detail)
 
     def record(self, iteration: int, loss: float, tokens: float, elapsed: float) -> dict:
+        self._elapsed = (iteration, elapsed)
         info = self.info
         return {"iteration": iteration, "loss": loss, "iteration_time_s": elapsed,
                 "tokens_per_s": tokens / elapsed if elapsed else 0.0,
                 "predicted_time_s": info.predicted_s, "bubble_ratio": info.bubble,
+                "semu_error": info.predicted_s / elapsed - 1 if elapsed else 0.0,
                 "plan_latency_ms": info.latency_ms, "plan_wait_ms": info.waited_ms,
                 "fallback": info.source == "fallback", "fallback_reason": info.reason,
                 "fallbacks": self.fallbacks, "source": info.source, "schedule": self.schedule,

@@ -137,6 +137,7 @@ def open_plans(args, model: ModelSpec, batches, topo: Topology, parallel: dict |
     schedule = PipeWeaverSchedule(feed.next_plan, model, TokenRules.from_model(model),
                                   topo.p_rank, dist.get_process_group_ranks(pp_group), pp_group,
                                   transport=getattr(args, "pipeweaver_transport", "auto"))
+    feed.timeline_source = lambda: (schedule.trained, schedule.train_timeline)
     return feed, schedule
 
 

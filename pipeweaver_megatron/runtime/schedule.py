@@ -60,6 +60,10 @@ class PipeWeaverSchedule:
         self.last_plan: IterationPlan | None = None
         self.last_timeline: list = []
         """The last call's measured ops (see RankExecutor.timeline)."""
+        self.trained = 0
+        """Calls that trained (not forward_only), so far."""
+        self.train_timeline: list = []
+        """The measured ops of the last call that trained."""
         self.freed_outputs = 0
         """Output tensors freed after sending, over all calls."""
         self.saved_bytes = None
@@ -92,6 +96,9 @@ class PipeWeaverSchedule:
                 executor.run()
         self.freed_outputs += executor.freed
         self.last_timeline = executor.timeline
+        if not forward_only:
+            self.trained += 1
+            self.train_timeline = executor.timeline
         if config is not None and config.finalize_model_grads_func is not None and not forward_only:
             # On the chunks' device, as Megatron's total_num_tokens (finalize reduces it).
             tokens = torch.tensor(steps.total_tokens, dtype=torch.int, device=device) \

@@ -28,7 +28,8 @@ from .fallback import static_plan, baseline_layout, fallback_plan
 from .budget import BudgetPolicy, Machine
 from .pool import Board, Entry, WorkerPool
 from .settings import Outcome, ServiceError, ServiceSettings, ServiceStats
-from .worker import make_costs
+from .worker import Measurement, make_costs
+from ..semu.online import Measured
 from ..semu import CostModel
 
 log = logging.getLogger("pipeweaver.service")
@@ -158,6 +159,15 @@ class PlannerService:
         with self._board.cond:
             if self._board.policy is not None:
                 self._board.policy.observe(busy_s, waited_ms, late)
+
+    def measured(self, key: int, measured: Measured) -> None:
+        """A trained iteration's measured times, for the workers' online calibration
+        (never blocks: each worker gets them when next idle)."""
+        with self._board.cond:
+            if self._state != "running" or self._pool is None:
+                return
+            self._pool.measured(Measurement(key, measured))
+        self._pool.wake()
 
     @property
     def policy(self) -> BudgetPolicy | None:

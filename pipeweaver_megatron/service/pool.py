@@ -29,10 +29,12 @@ from ..workload import GlobalBatch
 from .budget import BudgetPolicy
 from .settings import ServiceSettings
 from .wire import InvalidPlan, decode, read_plan
-from .worker import worker_main
+from .worker import Measurement, worker_main
 
 log = logging.getLogger("pipeweaver.service")
 _POLL_S = 0.05
+OUTBOX = 8
+"""Measurements kept for a busy worker (the oldest go first: refits use recent ones)."""
 
 
 @dataclass
@@ -87,6 +89,8 @@ class _Worker:
     since: float = 0.0
     limit_s: float = 0.0
     """Busy on one task longer than this: hung."""
+    outbox: deque = field(default_factory=lambda: deque(maxlen=OUTBOX))
+    """Measurements waiting for the worker to be idle (sent before its next task)."""
 
 
 class WorkerPool:
@@ -202,7 +206,8 @@ class WorkerPool:
                 return
             entry.plan, entry.failure, entry.ready = plan, failure, time.perf_counter()
             info = message.get("info") if isinstance(message.get("info"), dict) else {}
-            entry.search = {k: info[k] for k in ("planning_ms", "cpu_ms", "evaluations")
+            entry.search = {k: info[k] for k in ("planning_ms", "cpu_ms", "evaluations",
+                                                        "calibration_fits")
                             if isinstance(info.get(k), (int, float))}
             if plan is not None and "predicted_iteration_time_s" in info:
                 entry.predicted = (float(info["predicted_iteration_time_s"]),
@@ -236,17 +241,26 @@ class WorkerPool:
                 board.pending.clear()
                 board.cond.notify_all()
 
+    def measured(self, measurement: Measurement) -> None:
+        """Queue a trained iteration's measurements for every worker (call under the
+        board's lock); each gets them when next idle."""
+        for worker in self._workers:
+            if worker.alive:
+                worker.outbox.append(measurement)
+
     def _dispatch(self) -> None:
-        """Give each ready, idle worker the oldest pending iteration."""
+        """Give each ready, idle worker its measurements and the oldest pending iteration."""
         sends, board = [], self.board
         with board.cond:
             for worker in self._workers:
                 if not (worker.alive and worker.ready and worker.current is None):
                     continue
+                while worker.outbox:
+                    sends.append((worker, worker.outbox.popleft()))
                 while board.pending and board.pending[0] not in board.entries:
                     board.pending.popleft()
                 if not board.pending:
-                    break
+                    continue
                 iteration = board.pending.popleft()
                 entry = board.entries[iteration]
                 entry.budget = board.policy.next() if board.policy is not None else None
@@ -255,10 +269,10 @@ class WorkerPool:
                 worker.limit_s = (self.settings.hang_limit_ms if wall is None or
                                   self.settings.hang_ms is not None else
                                   3 * wall + self.settings.timeout_ms) / 1000
-                sends.append((worker, iteration, entry.batch, entry.budget))
-        for worker, iteration, batch, budget in sends:
+                sends.append((worker, (iteration, entry.batch, entry.budget)))
+        for worker, task in sends:
             try:
-                worker.tasks.send((iteration, batch, budget))
+                worker.tasks.send(task)
             except (OSError, ValueError):
                 pass  # it died: its sentinel fails the iteration
 

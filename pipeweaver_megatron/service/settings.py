@@ -57,6 +57,9 @@ class ServiceSettings:
     measured iteration time and the node's idle cores (budget.py)."""
     lookahead: int = 2
     """Batches the training side submits ahead (the auto budget's window)."""
+    online_calibration: bool = False
+    """Refit SEMU's runtime terms from each trained iteration's measured times (the
+    training side reports them with PlannerService.measured; semu/online.py)."""
     max_evaluations: int | None = None
     """Bound the search by candidate evaluations instead of the budget (reproducible
     across machines: a seed and a count always give the same plan)."""

@@ -2,7 +2,8 @@
 
 Protocol (one pipe each way, so a worker killed mid-message corrupts only its own pipe):
 the parent sends `(iteration, GlobalBatch, SearchBudget | None)` tasks, one at a time
-(None: the settings' budget_ms), and None to stop; the worker answers JSON messages
+(None: the settings' budget_ms), Measurement tasks (a trained iteration's measured times,
+for the online calibration; no answer), and None to stop; the worker answers JSON messages
 (wire.py): "ready" once its planner is built, "error" if it could not be built, then per
 task a "plan" (checked by the worker with wire.read_plan, as the parent would), an
 "invalid" (that check failed) or a "failed" (the planner raised).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import ModelSpec, get_hardware
@@ -22,7 +23,8 @@ from ..planner.partition import ChunkPlan
 from ..ir import Layout
 from ..planner.search import PipeWeaverPlanner, SearchBudget, SearchSettings
 from ..planner.systems import PIPEWEAVER
-from ..semu import CostModel, load_calibration
+from ..semu import Calibration, CostModel, load_calibration
+from ..semu.online import Measured, OnlineCalibration
 from ..workload import GlobalBatch
 from .fallback import fallback_plan
 from .settings import UNLIMITED_MS, ServiceSettings
@@ -32,14 +34,17 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Element size of the run's activation dtype (ServiceSettings.dtype)."""
 
 
-def make_costs(settings: ServiceSettings, model: ModelSpec) -> CostModel:
+def make_costs(settings: ServiceSettings, model: ModelSpec,
+               calibration: Calibration | None = None) -> CostModel:
     """The cost model of the run: hardware, calibration and TP from the settings; the
     element size of activations and messages follows the run's dtype (an fp32 run is
-    priced as fp32, a bf16 one as bf16, whatever the hardware profile's default)."""
+    priced as fp32, a bf16 one as bf16, whatever the hardware profile's default).
+    calibration: one fitted online (instead of the settings' file)."""
     hardware = get_hardware(settings.hardware or model.hardware)
     if settings.dtype in DTYPE_BYTES:
         hardware = replace(hardware, dtype_bytes=DTYPE_BYTES[settings.dtype])
-    calibration = load_calibration(settings.calibration) if settings.calibration else None
+    if calibration is None and settings.calibration:
+        calibration = load_calibration(settings.calibration)
     return CostModel(model, hardware, calibration=calibration, tp=settings.tp or model.parallel.tp,
                      sequence_parallel=settings.sequence_parallel)
 
@@ -52,13 +57,29 @@ class BatchPlanner:
         run = settings.resolve()
         self.model, self.rules, self.pp, self.tp = run.model, run.rules, run.pp, run.tp
         self.sequence_parallel = run.sequence_parallel
-        self.planner = None
+        self.planner = self.online = None
         if settings.schedule == PIPEWEAVER:
             if chunks is None:
                 raise ValueError("the pipeweaver schedule needs the run's ChunkPlan")
-            search = SearchSettings() if settings.max_evaluations is None else \
+            self.chunks = chunks
+            self.search = SearchSettings() if settings.max_evaluations is None else \
                 SearchSettings(max_evaluations=settings.max_evaluations)
-            self.planner = PipeWeaverPlanner(make_costs(settings, self.model), chunks, search)
+            costs = make_costs(settings, self.model)
+            self.planner = PipeWeaverPlanner(costs, chunks, self.search)
+            if settings.online_calibration:
+                self.online = OnlineCalibration(costs.calibration)
+
+    def measured(self, key: int, measured: Measured) -> bool:
+        """An iteration's measurements (online calibration): refit SEMU's runtime terms
+        and plan the next batches with them; True if the terms changed."""
+        if self.online is None:
+            return False
+        calibration = self.online.measured(key, measured)
+        if calibration is None:
+            return False
+        costs = make_costs(self.settings, self.model, calibration)
+        self.planner = PipeWeaverPlanner(costs, self.chunks, self.search)
+        return True
 
     def plan(self, iteration: int, batch: GlobalBatch, budget: SearchBudget | None = None
              ) -> tuple[IterationPlan, dict[str, Any]]:
@@ -75,6 +96,8 @@ class BatchPlanner:
             budget = self.settings.budget_ms if self.settings.budget_ms is not None \
                 else SearchBudget(wall_ms=500.0)
         result = self.planner.plan(batch, budget, self.settings.seed + iteration)
+        if self.online is not None:
+            self.online.planned(iteration, result.simulation, self.chunks.layout)
         plan = plan_iteration(self.model, result.table, batch, self.rules, self.settings.dtype,
                               self.tp, result.sub_microbatches.members, result.simulation,
                               result.memory.strategies, self.sequence_parallel)
@@ -82,7 +105,8 @@ class BatchPlanner:
                       "cpu_ms": (time.process_time() - cpu) * 1000,
                       "predicted_iteration_time_s": result.predicted_iteration_time_s,
                       "predicted_bubble_ratio": result.simulation.bubble_ratio,
-                      "evaluations": result.search.evaluations}
+                      "evaluations": result.search.evaluations,
+                      "calibration_fits": self.online.fits if self.online else 0}
 
 
 def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | None,
@@ -106,6 +130,9 @@ def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | N
             return  # the parent is gone
         if task is None:
             return
+        if isinstance(task, Measurement):
+            planner.measured(task.key, task.measured)
+            continue
         iteration, batch, budget = task
         fault = settings.faults.get(iteration)
         try:
@@ -125,6 +152,14 @@ def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | N
             results.send_bytes(message)
         except (BrokenPipeError, OSError):
             return
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A task that is not a batch: one trained iteration's measurements."""
+
+    key: int
+    measured: Measured
 
 
 def checked(message: bytes, iteration: int, batch: GlobalBatch, layout: Layout,
@@ -157,4 +192,4 @@ def corrupt(plan: IterationPlan, fault: str | None) -> IterationPlan:
     return plan
 
 
-__all__ = ["BatchPlanner", "checked", "corrupt", "make_costs", "worker_main"]
+__all__ = ["BatchPlanner", "Measurement", "checked", "corrupt", "make_costs", "worker_main"]

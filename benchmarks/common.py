@@ -78,7 +78,9 @@ class SystemRun:
         plans = getattr(self.system, "plans", None)
         if plans:
             gaps = [p.predicted_iteration_time_s / p.lower_bound_s - 1 for p in plans]
+            balance = [p.predicted_iteration_time_s / p.balance_bound_s - 1 for p in plans]
             out.update(lower_bound_gap_max=max(gaps), lower_bound_gap_mean=sum(gaps) / len(gaps),
+                       balance_gap_mean=sum(balance) / len(balance),
                        within_5_percent=sum(g <= 0.05 for g in gaps),
                        plan_ms_mean=sum(p.search.elapsed_ms for p in plans) / len(plans),
                        evaluations_mean=sum(p.search.evaluations for p in plans) / len(plans))

@@ -72,15 +72,21 @@ def report(results: list[dict], argv: list[str], iterations: int) -> list[str]:
         s, pw = r["systems"], r["systems"]["pipeweaver"]
         rows.append([r["model"], f"{pw['within_5_percent']}/{len(pw['iteration_time_s'])}",
                      f"{pw['lower_bound_gap_mean']:.1%}", f"{pw['lower_bound_gap_max']:.1%}",
+                     f"{pw['balance_gap_mean']:.1%}",
                      f"{pw['plan_ms_mean']:.0f}", f"{pw['evaluations_mean']:.0f}",
                      f"{pw['peak_memory_gib']:.1f} ({r['capacity_gib']:.1f})",
                      " / ".join(f"{s[b]['peak_memory_gib']:.1f}" for b in BASELINES),
                      " / ".join(str(s[b]["batches_recomputed"]) for b in BASELINES)])
     lines += table(["setup", "iterations within 5% of bound", "mean gap", "max gap",
+                    "mean gap to perfect balance",
                     "plan time (ms)", "candidates per plan", "peak GiB (cap)",
                     "baselines' peak GiB (vpp / nnscaler / optimus)",
                     "baseline batches needing full recompute"], rows)
-    lines += ["", "A baseline peak above the capacity means even full recompute does not fit "
+    lines += ["", "Bound: the busiest rank's compute (without recompute) + its gradient "
+              "reduction and optimizer step. Perfect balance: every rank's compute / PP + "
+              "the slowest reduction and step, what no partition of the model can beat; "
+              "the difference between the two gaps is the partition's imbalance.", "",
+              "A baseline peak above the capacity means even full recompute does not fit "
               "that static schedule on the device; its time is then optimistic.", "",
               "![gains](planner_throughput.png)"]
     return lines

@@ -30,7 +30,8 @@ from paper import SEMU_ACCURACY
 from pipeweaver_megatron.cli import demo
 
 SCHEDULES = ("pipeweaver", "megatron-1f1b")
-KEPT = ("iteration", "iteration_time_s", "predicted_time_s", "rank_compute_s", "source")
+KEPT = ("iteration", "iteration_time_s", "predicted_time_s", "rank_compute_s", "source",
+        "busiest_compute_s", "balanced_compute_s")
 """Fields of each training-log record kept in real_cpu.json."""
 
 
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--budget-ms", type=float, default=100.0)
+    parser.add_argument("--budget-ms", type=float, default=None, help="default: auto")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--port", type=int, default=29660)
     args, shown = parse(parser, argv)
@@ -155,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary[s] = {"measured_mean_s": mean(measured),
                       "measured_median_s": statistics.median(measured),
                       "predicted_mean_s": mean(predicted), "iterations": len(measured),
+                      "busiest_median_s": statistics.median(
+                          steady(runs[s], args.warmup, "busiest_compute_s")),
+                      "balanced_median_s": statistics.median(
+                          steady(runs[s], args.warmup, "balanced_compute_s")),
                       "fallbacks": sum(r["records"][-1]["fallbacks"] for r in runs[s]),
                       "busy": {k: {side: mean(v[side]) for side in v}
                                for k, v in pooled(runs[s], "busy").items()},
@@ -182,7 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += ["", f"Measured speedup of --pipeweaver over megatron-1f1b (medians): "
               f"**{speedup:.2f}x**; SEMU-predicted: {predicted_speedup:.2f}x. Paper: SEMU "
               f"{SEMU_ACCURACY:.1%} average accuracy after calibration (on GPUs).", "",
-              "Per rank, compute time per iteration (sum of the rank's forward and backward "
+              "Measured bounds (medians per iteration): the busiest rank's compute (no "
+              "schedule of this partition beats it) and perfect balance, all ranks' compute / "
+              "PP (no partition beats it); bubble = 1 - busiest / iteration time:", ""]
+    lines += table(["schedule", "iteration (ms)", "busiest rank's compute (ms)",
+                    "perfect balance (ms)", "bubble", "iteration over perfect balance"],
+                   [[s, f"{v['measured_median_s'] * 1e3:.1f}", f"{v['busiest_median_s'] * 1e3:.1f}",
+                     f"{v['balanced_median_s'] * 1e3:.1f}",
+                     f"{1 - v['busiest_median_s'] / v['measured_median_s']:.1%}",
+                     f"{v['measured_median_s'] / v['balanced_median_s']:.2f}x"]
+                    for s, v in summary.items()])
+    lines += ["", "Per rank, compute time per iteration (sum of the rank's forward and backward "
               "actions; the rest is waiting on P2P and the optimizer):", ""]
     lines += table(["schedule", "rank", "SEMU-predicted (ms)", "measured (ms)", "error"],
                    [[s, rank, f"{v['predicted'] * 1e3:.1f}", f"{v['measured'] * 1e3:.1f}",

@@ -38,7 +38,7 @@ def run_training(schedule: str, args: argparse.Namespace, log: Path,
                "--pipeweaver-model-config", args.model, "--pipeline-model-parallel-size", "2",
                "--train-iters", str(args.iterations), "--seed", str(args.seed),
                "--pipeweaver-schedule", schedule, "--pipeweaver-log", str(log),
-               "--pipeweaver-search-budget-ms", str(args.budget_ms), *extra_args]
+               "--pipeweaver-search-budget-ms", str(args.budget_ms or "auto"), *extra_args]
     if getattr(args, "data_path", None):
         command += ["--data-path", str(args.data_path)]
         if args.tokenizer_model:
@@ -124,8 +124,9 @@ def add_parser(sub) -> None:
     demo.add_argument("--model", default="tiny-vlm")
     demo.add_argument("--iterations", type=int, default=12)
     demo.add_argument("--seed", type=int, default=1234)
-    demo.add_argument("--budget-ms", type=float, default=100.0,
-                      help="search budget per plan (small: the 2 cores also train)")
+    demo.add_argument("--budget-ms", type=float, default=None,
+                      help="search budget per plan (default: auto, as --pipeweaver's: it "
+                           "follows the measured iterations and the idle cores)")
     demo.add_argument("--port", type=int, default=29650)
     demo.add_argument("--data-path", metavar="DIR", help="a prepared Energon dataset to train "
                       "on (make demo: build/data/interleaved); default: the synthetic workload")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..planner import split_batch
+from ..planner import PIPEWEAVER, split_batch
 from ..ir.plan import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
 from ..semu.online import Measured
@@ -66,7 +66,10 @@ class PlanFeed:
         self.args, self.model, self.batches, self.topo, self.group = args, model, batches, topo, group
         self.rules = TokenRules.from_model(model)
         self.schedule = args.pipeweaver_schedule
-        self.online = getattr(args, "pipeweaver_online_calibration", "off") == "on"
+        self.online = (getattr(args, "pipeweaver_online_calibration", "off") == "on"
+                       and self.schedule == PIPEWEAVER
+                       and not getattr(args, "pipeweaver_replay_plans", None))
+        """Send measured compute times back (only a searching planner uses them)."""
         self.root = dist.get_process_group_ranks(group)[0]
         self.first = dist.get_rank() == self.root
         self.service = self.prefetch = self.costs = None

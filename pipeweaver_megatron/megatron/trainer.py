@@ -199,7 +199,7 @@ def train(args) -> list[dict]:
             reports = schedule(forward_step_func=lmm_forward_step, data_iterator=data,
                                model=training.model, num_microbatches=len(batch.microbatches))
             measured = _measured(schedule.last_timeline, began)
-            loss, tokens, busiest = _loss(reports, pp_group, topo.device,
+            loss, tokens, compute = _loss(reports, pp_group, topo.device,
                                           measured["rank_compute_s"])
             training.reduce(tokens, parallel_state.get_data_parallel_group(), args.clip_grad)
             if getattr(args, "pipeweaver_save_grads", None):
@@ -208,7 +208,8 @@ def train(args) -> list[dict]:
             elapsed = time.perf_counter() - began
             record = feed.record(iteration, loss, tokens, elapsed)
             record.update(measured, microbatches=len(batch.microbatches),
-                          busiest_compute_s=busiest, measured_bubble=1 - busiest / elapsed)
+                          busiest_compute_s=max(compute), balanced_compute_s=sum(compute) /
+                          len(compute), measured_bubble=1 - max(compute) / elapsed)
             if source is not None:
                 record.update(_data_record(step_data, source, topo))
             if args.pipeweaver_trace_dir:
@@ -332,9 +333,9 @@ class Progress:
         return f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] eta {eta:.1f} s"
 
 
-def _loss(reports: list, group, device, compute_s: float) -> tuple[float, float, float]:
-    """The batch's loss per token and loss tokens over the pipeline group, and its
-    busiest rank's compute seconds (one all-reduce: each rank fills its own slot)."""
+def _loss(reports: list, group, device, compute_s: float) -> tuple[float, float, list]:
+    """The batch's loss per token and loss tokens over the pipeline group, and every
+    pipeline rank's compute seconds (one all-reduce: each rank fills its own slot)."""
     size = dist.get_world_size(group)
     total = torch.zeros(2 + size, dtype=torch.float64, device=device)
     for report in reports:
@@ -342,7 +343,7 @@ def _loss(reports: list, group, device, compute_s: float) -> tuple[float, float,
     total[2 + dist.get_rank(group)] = compute_s
     dist.all_reduce(total, group=group)
     loss_sum, tokens, *compute = total.tolist()
-    return loss_sum / max(tokens, 1.0), tokens, max(compute)
+    return loss_sum / max(tokens, 1.0), tokens, compute
 
 
 def _measured(timeline: list, began: float) -> dict:

@@ -141,6 +141,10 @@ class PlanResult:
     """The predicted timeline and per-rank memory (with per-action detail)."""
     lower_bound_s: float
     """Busiest rank's compute without recompute + gradient reduction + optimizer step."""
+    balance_bound_s: float
+    """All ranks' compute without recompute / ranks + the slowest gradient reduction and
+    optimizer step: the bound of a perfectly balanced partition (below lower_bound_s
+    by the partition's imbalance)."""
     capacity_bytes: float
     search: SearchStats
 
@@ -159,7 +163,7 @@ class PlanResult:
     def to_dict(self) -> dict:
         return {"schedule": self.table.to_json(),
                 "predicted_iteration_time_s": self.predicted_iteration_time_s,
-                "lower_bound_s": self.lower_bound_s,
+                "lower_bound_s": self.lower_bound_s, "balance_bound_s": self.balance_bound_s,
                 "peak_memory_gib": self.peak_memory_gib,
                 "capacity_gib": self.capacity_bytes / GIB,
                 "bubble_ratio": self.simulation.bubble_ratio, "mfu": self.simulation.mfu,
@@ -257,12 +261,12 @@ class PipeWeaverPlanner:
             tree.run(stop)
         _, _, memory, table = work.best
         detailed = simulate(self.costs, table, subs.shapes, priced=memory.priced)
-        lower = _lower_bound(work.problem, detailed)
+        lower, balance = _lower_bound(work.problem, detailed)
         stats = SearchStats(evaluations=work.evaluations,
                             elapsed_ms=(time.perf_counter() - started) * 1000, gate=gate_name,
                             history=tuple(work.history))
         return PlanResult(layout=self.layout, sub_microbatches=subs, table=table, memory=memory,
-                          simulation=detailed, lower_bound_s=lower,
+                          simulation=detailed, lower_bound_s=lower, balance_bound_s=balance,
                           capacity_bytes=self.capacity, search=stats)
 
     def _fit_budget(self, work: _Batch, default: tuple[int, ...], started: float) -> None:
@@ -313,13 +317,15 @@ class PipeWeaverPlanner:
         return _uniform(work.full, every, table.layout.num_ranks)
 
 
-def _lower_bound(problem: Problem, result: SimResult) -> float:
+def _lower_bound(problem: Problem, result: SimResult) -> tuple[float, float]:
     """Busiest rank's compute without recompute + its gradient reduction and optimizer
-    step (SEMU's lower bound, memory-agnostic)."""
+    step (SEMU's lower bound, memory-agnostic), and the perfect-balance bound."""
     busy = [0.0] * problem.num_ranks
     for rank, seconds in zip(problem.rank, problem.duration):
         busy[rank] += seconds
-    return max(b + d + o for b, d, o in zip(busy, result.dp_time_s, result.optimizer_time_s))
+    tail = [d + o for d, o in zip(result.dp_time_s, result.optimizer_time_s)]
+    return (max(b + t for b, t in zip(busy, tail)),
+            sum(busy) / problem.num_ranks + max(tail))
 
 
 def _saved(priced: PricedBatch) -> list:

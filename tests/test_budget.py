@@ -6,13 +6,14 @@ action times, outliers left out."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
 from pipeweaver_megatron.config import get_hardware, load_model
 from pipeweaver_megatron.ir import Op
-from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchBudget, partition
-from pipeweaver_megatron.semu import CostModel
+from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchBudget, partition, split_batch
+from pipeweaver_megatron.semu import CostModel, price
 from pipeweaver_megatron.semu.online import Measured, OnlineCalibration
 from pipeweaver_megatron.service.budget import (CPU_SHARE, FIRST_WALL_MS, PATIENCE,
                                                 BudgetPolicy, Machine)
@@ -159,3 +160,24 @@ def test_online_fit_needs_the_plan_it_measures():
     online.planned(7, result.simulation, PLANNER.layout)
     assert online.measured(7, Measured({}, 0.0)) is None  # nothing matched
     assert online.current is COSTS.calibration
+
+
+def test_recalibrated_costs_reuse_the_priced_graphs_and_equal_a_fresh_model():
+    """New runtime terms on a model that priced batches already: every stage cost equals
+    that of a model built with them from scratch, without pricing a graph again."""
+    online = OnlineCalibration(COSTS.calibration)
+    result = PLANNER.plan(BATCHES[0], SearchBudget(wall_ms=50.0), seed=2)
+    online.planned(0, result.simulation, PLANNER.layout)
+    fitted = online.measured(0, synthetic_measurement(result.simulation, COSTS.calibration,
+                                                      0.003, 2.5, 0.0))
+    warm = CostModel(MODEL, get_hardware("cpu"))
+    layout, shapes = PLANNER.layout, split_batch(MODEL, BATCHES[1], PLANNER.rules,
+                                                 PLANNER.chunks.sub_size).shapes
+    price(warm, layout, shapes)
+    graphs = len(warm._raw)
+    reused = warm.recalibrated(fitted)
+    fresh = CostModel(MODEL, get_hardware("cpu"), calibration=fitted)
+    assert price(reused, layout, shapes).costs == price(fresh, layout, shapes).costs
+    assert len(reused._raw) == graphs  # nothing priced from scratch
+    with pytest.raises(ValueError, match="beyond their runtime terms"):
+        warm.recalibrated(replace(fitted, peak_flops=1e12))

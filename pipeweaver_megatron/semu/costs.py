@@ -8,7 +8,10 @@ hardware and calibration of the CostModel. Equal keys share one entry, whether t
 come from another rank or segment (spatial reuse: equal chunks of one module on
 different stages) or another microbatch, candidate schedule or iteration (temporal
 reuse: the same shapes again). With reuse off every request rebuilds and re-prices the
-graph, which gives identical numbers more slowly.
+graph, which gives identical numbers more slowly. The runtime terms of the calibration
+(per chunk kind overhead and scale, refitted online by semu/online.py) come last: each
+entry is kept before them too, so `recalibrated` re-applies new terms to every stage
+priced so far without building a graph again.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class CostModel:
     _cache: dict = field(default_factory=dict, repr=False)
     _shape_ids: dict = field(default_factory=dict, repr=False)
     _static: dict = field(default_factory=dict, repr=False)
+    _raw: dict = field(default_factory=dict, repr=False)
+    """stage_key -> the StageCost before the runtime terms (shared by recalibrated)."""
 
     def __post_init__(self) -> None:
         self.calibration = self.calibration or Calibration(hardware=self.hardware.name)
@@ -135,10 +140,28 @@ class CostModel:
         cost = self._cache.get(key)
         if cost is None:
             self.stats.misses += 1
-            cost = self._cache[key] = self._build(parts, shapes, recompute)
+            raw = self._raw.get(key)
+            if raw is None:
+                raw = self._raw[key] = self._build_raw(parts, shapes, recompute)
+            cost = self._cache[key] = self._with_terms(raw, parts)
         else:
             self.stats.hits += 1
         return cost
+
+    def recalibrated(self, calibration: Calibration) -> "CostModel":
+        """This model with other runtime terms (action overheads and scales, per chunk
+        kind, iteration overhead): it shares the graphs priced so far, which those terms
+        do not change. Any other difference in the calibration is an error."""
+        same = replace(calibration, action_overhead_s=self.calibration.action_overhead_s,
+                       action_scale=self.calibration.action_scale,
+                       chunk_runtime=self.calibration.chunk_runtime,
+                       iteration_overhead_s=self.calibration.iteration_overhead_s)
+        if same != self.calibration:
+            raise ValueError("recalibrated: the calibrations differ beyond their runtime terms")
+        out = CostModel(self.model, self.hardware, calibration, self.reuse, self.tp,
+                        self.sequence_parallel)
+        out._raw, out._shape_ids, out._static = self._raw, self._shape_ids, self._static
+        return out
 
     def static_memory(self, layout: Layout, distributed_optimizer: bool = True) -> list[StaticMemory]:
         """Weights, gradients and optimizer state per pipeline rank (cached per layout)."""
@@ -179,6 +202,11 @@ class CostModel:
 
     def _build(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
                recompute: bool) -> StageCost:
+        return self._with_terms(self._build_raw(parts, shapes, recompute), parts)
+
+    def _build_raw(self, parts: Sequence[Part], shapes: Mapping[str, ModuleShape],
+                   recompute: bool) -> StageCost:
+        """A stage's cost before the calibration's runtime terms."""
         times = {Phase.FORWARD: 0.0, Phase.BACKWARD_INPUT: 0.0, Phase.BACKWARD_WEIGHT: 0.0}
         again, saved, flops = 0.0, 0.0, 0.0
         graphs = self.graphs(parts, shapes)
@@ -198,13 +226,18 @@ class CostModel:
                              for op in graph.layer_forward) + layer.forward.overhead_s * graph.layers
             saved += graph.checkpoint_bytes if recompute else graph.saved_bytes
             flops += graph.model_flops
-        out = self._output_bytes(parts, graphs, shapes)
+        return StageCost(forward_s=times[Phase.FORWARD],
+                         backward_input_s=times[Phase.BACKWARD_INPUT],
+                         backward_weight_s=times[Phase.BACKWARD_WEIGHT], recompute_s=again,
+                         saved_bytes=saved, output_bytes=self._output_bytes(parts, graphs, shapes),
+                         model_flops=flops)
+
+    def _with_terms(self, raw: StageCost, parts: Sequence[Part]) -> StageCost:
+        """The calibration's runtime terms of the stage's chunk kind applied to raw."""
         terms = self.calibration.runtime_terms("+".join(p.module for p in parts))
         forward_extra, backward_extra = terms.overhead_s
         forward_scale, backward_scale = terms.scale
-        return StageCost(forward_s=times[Phase.FORWARD] * forward_scale + forward_extra,
-                         backward_input_s=times[Phase.BACKWARD_INPUT] * backward_scale
-                         + backward_extra,
-                         backward_weight_s=times[Phase.BACKWARD_WEIGHT] * backward_scale,
-                         recompute_s=again * forward_scale,
-                         saved_bytes=saved, output_bytes=out, model_flops=flops)
+        return replace(raw, forward_s=raw.forward_s * forward_scale + forward_extra,
+                       backward_input_s=raw.backward_input_s * backward_scale + backward_extra,
+                       backward_weight_s=raw.backward_weight_s * backward_scale,
+                       recompute_s=raw.recompute_s * forward_scale)

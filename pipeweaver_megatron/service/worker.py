@@ -23,7 +23,7 @@ from ..planner.partition import ChunkPlan
 from ..ir import Layout
 from ..planner.search import PipeWeaverPlanner, SearchBudget, SearchSettings
 from ..planner.systems import PIPEWEAVER
-from ..semu import Calibration, CostModel, load_calibration
+from ..semu import CostModel, load_calibration
 from ..semu.online import Measured, OnlineCalibration
 from ..workload import GlobalBatch
 from .fallback import fallback_plan
@@ -34,17 +34,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Element size of the run's activation dtype (ServiceSettings.dtype)."""
 
 
-def make_costs(settings: ServiceSettings, model: ModelSpec,
-               calibration: Calibration | None = None) -> CostModel:
+def make_costs(settings: ServiceSettings, model: ModelSpec) -> CostModel:
     """The cost model of the run: hardware, calibration and TP from the settings; the
     element size of activations and messages follows the run's dtype (an fp32 run is
-    priced as fp32, a bf16 one as bf16, whatever the hardware profile's default).
-    calibration: one fitted online (instead of the settings' file)."""
+    priced as fp32, a bf16 one as bf16, whatever the hardware profile's default)."""
     hardware = get_hardware(settings.hardware or model.hardware)
     if settings.dtype in DTYPE_BYTES:
         hardware = replace(hardware, dtype_bytes=DTYPE_BYTES[settings.dtype])
-    if calibration is None and settings.calibration:
-        calibration = load_calibration(settings.calibration)
+    calibration = load_calibration(settings.calibration) if settings.calibration else None
     return CostModel(model, hardware, calibration=calibration, tp=settings.tp or model.parallel.tp,
                      sequence_parallel=settings.sequence_parallel)
 
@@ -77,8 +74,9 @@ class BatchPlanner:
         calibration = self.online.measured(key, measured)
         if calibration is None:
             return False
-        costs = make_costs(self.settings, self.model, calibration)
-        self.planner = PipeWeaverPlanner(costs, self.chunks, self.search)
+        # the stages priced so far are kept (temporal reuse): only the terms change
+        self.planner = PipeWeaverPlanner(self.planner.costs.recalibrated(calibration),
+                                         self.chunks, self.search)
         return True
 
     def plan(self, iteration: int, batch: GlobalBatch, budget: SearchBudget | None = None

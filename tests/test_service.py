@@ -12,9 +12,10 @@ from dataclasses import replace
 import pytest
 
 from pipeweaver_megatron.config import get_hardware, load_model
-from pipeweaver_megatron.planner import PipeWeaverPlanner, SearchSettings, check_plan, partition
+from pipeweaver_megatron.planner import (PipeWeaverPlanner, SearchSettings, check_plan, partition,
+                                         split_batch)
 from pipeweaver_megatron.planner.iteration import plan_iteration
-from pipeweaver_megatron.semu import CostModel
+from pipeweaver_megatron.semu import CostModel, simulate
 from pipeweaver_megatron.service import (PlannerService, PrefetchingIterator, ServiceSettings,
                                          baseline_table, fallback_plan)
 from pipeweaver_megatron.workload import GlobalBatch, TokenRules, sample_workload
@@ -182,3 +183,36 @@ def test_the_service_imports_neither_torch_nor_megatron():
             "assert not any(m.split('.')[0] in ('torch', 'megatron') for m in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _simulate(costs, plan, sub_size):
+    """SEMU's detailed prediction of a served plan with `costs`."""
+    shapes = split_batch(TINY, plan.batch, TokenRules.from_model(TINY), sub_size).shapes
+    return simulate(costs, plan.table, shapes, detail=True)
+
+
+def test_measured_iterations_recalibrate_the_workers_and_auto_budgets_follow_them():
+    """Online calibration through the service: the worker refits SEMU from an
+    iteration's measured compute times (here twice SEMU's, plus 1 ms per action) and the
+    next plan is priced with the fit; the auto budget follows the observed iterations."""
+    from pipeweaver_megatron.semu.online import Measured
+
+    with PlannerService(settings(budget_ms=None, online_calibration=True)) as service:
+        sub_size = service.chunks.sub_size
+        service.submit(0, TINY_BATCHES[0])
+        first = service.get(0)
+        assert first.source == "planner" and first.search["calibration_fits"] == 0
+        assert first.budget is not None and first.budget.patience
+        predicted = _simulate(service.costs, first.plan, sub_size)  # as the worker predicted it
+        assert predicted.iteration_time_s == pytest.approx(first.predicted[0])
+        measured = {str(a): 0.001 + 2 * (e - s) for acts, ss, es in
+                    zip(predicted.actions, predicted.starts, predicted.ends)
+                    for a, s, e in zip(acts, ss, es)}
+        service.observe(2.0, waited_ms=0.0, late=False)
+        service.measured(0, Measured(measured, 0.01))
+        service.submit(1, TINY_BATCHES[1])
+        second = service.get(1)
+        uncalibrated = _simulate(service.costs, second.plan, sub_size).iteration_time_s
+    assert second.search["calibration_fits"] == 1
+    assert second.budget.wall_ms == pytest.approx(1000.0)  # half of min(2, 1) iterations
+    assert second.predicted[0] > 1.8 * uncalibrated

@@ -7,9 +7,10 @@ schedule on Megatron's placement) for that batch. A plan is served only after th
 parent checked it (wire.read_plan); a crashed or hung worker is restarted and the
 iteration it held falls back; the plan of iteration i always uses seed + i.
 
-[Note: spawn and __main__] spawn re-imports the parent's __main__ module in each worker
-(as __mp_main__): a training script must guard its entry point (Megatron's do), and its
-top-level imports add to the workers' start-up time.
+[Note: spawn and __main__] spawn would re-import the parent's __main__ (the training
+script) in each worker; the pool hides it while a worker starts (pool.py, [Note: a
+worker imports the planner only]), so a worker imports the planning side alone and never
+runs the user's script.
 """
 
 from __future__ import annotations

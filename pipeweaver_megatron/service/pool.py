@@ -9,14 +9,24 @@ worker (its process sentinel) or one busy on one batch longer than the hang limi
 kills and restarts it: the iteration it held fails ("planner died", "hung"), the
 pending ones go to the new worker. Workers start with the "spawn" context (no fork:
 the trainer has torch and threads).
+
+[Note: a worker imports the planner only] spawn re-imports the parent's __main__ in
+the child (the training script: torch, megatron, the user's model code), seconds of CPU
+and hundreds of MB per worker, while rank 0 waits for it to be ready. The pool hides
+__main__ while it starts a worker (a bare module stands in for the few milliseconds of
+Process.start, under a lock), so the child imports only pipeweaver_megatron.service:
+everything a worker receives is this package's own values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import sys
 import threading
 import time
+import types
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
@@ -93,6 +103,23 @@ class _Worker:
     """Measurements waiting for the worker to be idle (sent before its next task)."""
 
 
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _bare_main():
+    """__main__ as a module with no file or spec: spawn then leaves it alone in the
+    child (see [Note: a worker imports the planner only])."""
+    with _MAIN_LOCK:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+
+
 class WorkerPool:
     def __init__(self, settings: ServiceSettings, chunks: ChunkPlan | None, layout: Layout,
                  tp: int, board: Board) -> None:
@@ -132,7 +159,8 @@ class WorkerPool:
         process = self._ctx.Process(target=worker_main, name=f"pipeweaver-planner-{index}",
                                     args=(tasks_r, results_w, self.settings, self.chunks, self.layout),
                                     daemon=True)
-        process.start()
+        with _bare_main():
+            process.start()
         tasks_r.close()
         results_w.close()
         return _Worker(index, process, tasks_w, results_r)

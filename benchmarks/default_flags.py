@@ -86,6 +86,7 @@ def figures(records: list[dict], first: int) -> dict:
                                  for r in records]}
     calibrated = [abs(r["predicted_time_s"] / r["iteration_time_s"] - 1) for r in kept
                   if r.get("plan_search", {}).get("calibration_fits", 0) >= 1]
+    """(Iterations planned after a fit; a plan predicted again counts as planned before.)"""
     out["semu_error_calibrated"] = statistics.fmean(calibrated) if calibrated else None
     budgets = [r["plan_budget_ms"] for r in kept if r.get("plan_budget_ms")]
     cpu = [r["plan_cpu_budget_ms"] for r in kept if r.get("plan_cpu_budget_ms")]
@@ -157,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "plan latency ms", "max plan wait ms", "wall budget ms",
                     "CPU budget ms", "fallbacks"], rows)
     lines += ["", "SEMU's error per iteration of the PipeWeaver runs, each started from the "
-              "uncalibrated default and calibrated online (a plan keeps the prediction it was "
-              "made with: the first lookahead + 1 carry the default's):", "",
+              "uncalibrated default and calibrated online (each fit also predicts again the "
+              "plans made before it; those served before the first fit keep the default's "
+              "prediction):", "",
               "![SEMU error](default_flags.png)"]
     write_report(args.out, "default_flags", lines, result)
     plot_errors(rounds, args.out / "default_flags.png")

@@ -200,19 +200,23 @@ def test_measured_iterations_recalibrate_the_workers_and_auto_budgets_follow_the
     with PlannerService(settings(budget_ms=None, online_calibration=True)) as service:
         sub_size = service.chunks.sub_size
         service.submit(0, TINY_BATCHES[0])
+        service.submit(1, TINY_BATCHES[1])
         first = service.get(0)
         assert first.source == "planner" and first.search["calibration_fits"] == 0
         assert first.budget is not None and first.budget.patience
-        predicted = _simulate(service.costs, first.plan, sub_size)  # as the worker predicted it
+        predicted = _simulate(service.costs, first.plan, sub_size)  # as the worker did
         assert predicted.iteration_time_s == pytest.approx(first.predicted[0])
         measured = {str(a): 0.001 + 2 * (e - s) for acts, ss, es in
                     zip(predicted.actions, predicted.starts, predicted.ends)
                     for a, s, e in zip(acts, ss, es)}
         service.observe(2.0, waited_ms=0.0, late=False)
         service.measured(0, Measured(measured, 0.01))
-        service.submit(1, TINY_BATCHES[1])
-        second = service.get(1)
-        uncalibrated = _simulate(service.costs, second.plan, sub_size).iteration_time_s
-    assert second.search["calibration_fits"] == 1
-    assert second.budget.wall_ms == pytest.approx(1000.0)  # half of min(2, 1) iterations
-    assert second.predicted[0] > 1.8 * uncalibrated
+        service.submit(2, TINY_BATCHES[2])  # the worker takes the measurements first
+        third = service.get(2)
+        second = service.get(1)  # planned before the fit, its prediction updated since
+        uncalibrated = [_simulate(service.costs, o.plan, sub_size).iteration_time_s
+                        for o in (second, third)]
+    assert third.search["calibration_fits"] == 1 and second.search["calibration_fits"] == 0
+    assert third.budget.wall_ms == pytest.approx(1000.0)  # half of min(2, 1) iterations
+    assert third.predicted[0] > 1.8 * uncalibrated[1]
+    assert second.predicted[0] > 1.8 * uncalibrated[0]

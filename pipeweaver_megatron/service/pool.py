@@ -211,6 +211,13 @@ class WorkerPool:
             self._replace(worker, "planner died")
             return
         iteration = int(message.get("iteration", -1))
+        if kind == "predicted":  # a plan already served or waiting, predicted again
+            with board.cond:
+                entry = board.entries.get(iteration)
+                if entry is not None and entry.plan is not None:
+                    entry.predicted = (float(message["predicted_iteration_time_s"]),
+                                       float(message["predicted_bubble_ratio"]))
+            return
         with board.cond:
             entry = board.entries.get(iteration)
             if worker.current == iteration:

@@ -6,7 +6,8 @@ the parent sends `(iteration, GlobalBatch, SearchBudget | None)` tasks, one at a
 for the online calibration; no answer), and None to stop; the worker answers JSON messages
 (wire.py): "ready" once its planner is built, "error" if it could not be built, then per
 task a "plan" (checked by the worker with wire.read_plan, as the parent would), an
-"invalid" (that check failed) or a "failed" (the planner raised).
+"invalid" (that check failed) or a "failed" (the planner raised); after a Measurement
+that refitted SEMU, a "predicted" per plan it had already sent (its new prediction).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from ..planner.partition import ChunkPlan
 from ..ir import Layout
 from ..planner.search import PipeWeaverPlanner, SearchBudget, SearchSettings
 from ..planner.systems import PIPEWEAVER
-from ..semu import CostModel, load_calibration
-from ..semu.online import Measured, OnlineCalibration
+from ..semu import CostModel, load_calibration, simulate
+from ..semu.online import KEPT_PLANS, Measured, OnlineCalibration
 from ..workload import GlobalBatch
 from .fallback import fallback_plan
 from .settings import UNLIMITED_MS, ServiceSettings
@@ -65,19 +66,28 @@ class BatchPlanner:
             self.planner = PipeWeaverPlanner(costs, chunks, self.search)
             if settings.online_calibration:
                 self.online = OnlineCalibration(costs.calibration)
+        self._recent: dict[int, tuple] = {}
+        """Recent plans without memory strategies: iteration -> (table, shapes)."""
 
-    def measured(self, key: int, measured: Measured) -> bool:
+    def measured(self, key: int, measured: Measured) -> dict[int, tuple[float, float]]:
         """An iteration's measurements (online calibration): refit SEMU's runtime terms
-        and plan the next batches with them; True if the terms changed."""
+        and plan the next batches with them. Returns the plans made after `key` and
+        before the fit, predicted again with it: {iteration: (time s, bubble)} (a plan
+        with recompute or offload keeps its prediction)."""
         if self.online is None:
-            return False
+            return {}
         calibration = self.online.measured(key, measured)
         if calibration is None:
-            return False
+            return {}
         # the stages priced so far are kept (temporal reuse): only the terms change
-        self.planner = PipeWeaverPlanner(self.planner.costs.recalibrated(calibration),
-                                         self.chunks, self.search)
-        return True
+        costs = self.planner.costs.recalibrated(calibration)
+        self.planner = PipeWeaverPlanner(costs, self.chunks, self.search)
+        again = {}
+        for later, (table, shapes) in self._recent.items():
+            if later > key:
+                result = simulate(costs, table, shapes, detail=False)
+                again[later] = (result.iteration_time_s, result.bubble_ratio)
+        return again
 
     def plan(self, iteration: int, batch: GlobalBatch, budget: SearchBudget | None = None
              ) -> tuple[IterationPlan, dict[str, Any]]:
@@ -96,6 +106,10 @@ class BatchPlanner:
         result = self.planner.plan(batch, budget, self.settings.seed + iteration)
         if self.online is not None:
             self.online.planned(iteration, result.simulation, self.chunks.layout)
+            if not result.memory.strategies:
+                self._recent[iteration] = (result.table, result.sub_microbatches.shapes)
+                for old in sorted(self._recent)[:-KEPT_PLANS]:
+                    del self._recent[old]
         plan = plan_iteration(self.model, result.table, batch, self.rules, self.settings.dtype,
                               self.tp, result.sub_microbatches.members, result.simulation,
                               result.memory.strategies, self.sequence_parallel)
@@ -129,7 +143,13 @@ def worker_main(tasks, results, settings: ServiceSettings, chunks: ChunkPlan | N
         if task is None:
             return
         if isinstance(task, Measurement):
-            planner.measured(task.key, task.measured)
+            for later, (seconds, bubble) in planner.measured(task.key, task.measured).items():
+                try:  # the fit reached plans already sent: their prediction, updated
+                    results.send_bytes(encode("predicted", iteration=later,
+                                              predicted_iteration_time_s=seconds,
+                                              predicted_bubble_ratio=bubble))
+                except (BrokenPipeError, OSError):
+                    return
             continue
         iteration, batch, budget = task
         fault = settings.faults.get(iteration)

@@ -84,9 +84,9 @@ def figures(records: list[dict], first: int) -> dict:
                                   for r in records],
            "fits_by_iteration": [r.get("plan_search", {}).get("calibration_fits", 0)
                                  for r in records]}
+    # iterations planned after a fit (a plan predicted again counts as planned before)
     calibrated = [abs(r["predicted_time_s"] / r["iteration_time_s"] - 1) for r in kept
                   if r.get("plan_search", {}).get("calibration_fits", 0) >= 1]
-    """(Iterations planned after a fit; a plan predicted again counts as planned before.)"""
     out["semu_error_calibrated"] = statistics.fmean(calibrated) if calibrated else None
     budgets = [r["plan_budget_ms"] for r in kept if r.get("plan_budget_ms")]
     cpu = [r["plan_cpu_budget_ms"] for r in kept if r.get("plan_cpu_budget_ms")]

@@ -48,6 +48,8 @@ def train(kind: str, args: argparse.Namespace, work: Path) -> list[dict]:
     extra = {"pipeweaver": ["--pipeweaver-record-plans", str(work / "plans")],
              "megatron-1f1b": ["--pipeweaver-schedule", "megatron-1f1b"],
              "replay": ["--pipeweaver-replay-plans", str(work / "plans")]}[kind]
+    if kind != "megatron-1f1b":
+        extra += args.pipeweaver_flags.split()
     command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(args.port),
                str(ROOT / "scripts" / "pretrain_lmm.py"), *USER_FLAGS, "--train-iters",
                str(args.iterations), "--seed", str(args.seed), "--pipeweaver-log", str(log),
@@ -106,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--port", type=int, default=29664)
+    parser.add_argument("--pipeweaver-flags", default="", metavar="FLAGS",
+                        help="more flags for the PipeWeaver runs (e.g. '--pipeweaver-partition "
+                             "searched'); the report then is not the default flags'")
+    parser.add_argument("--name", default="default_flags", help="report name")
     args, shown = parse(parser, argv)
     first = min(2, args.iterations - 1)  # iterations 3.. (1-based)
     rounds = []
@@ -140,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f.get("budget_ms") and f"{f['budget_ms']:.0f}" or "-",
                          f.get("cpu_budget_ms") and f"{f['cpu_budget_ms']:.0f}" or "-",
                          f["fallbacks"]])
-    lines = header("The user's command with default flags (measured on this CPU)",
+    title = "The user's command with default flags" + (
+        f" plus {args.pipeweaver_flags}" if args.pipeweaver_flags else "")
+    lines = header(f"{title} (measured on this CPU)",
                    "default_flags", shown,
                    "Measured: every time here is this machine's wall clock; only the "
                    "'predicted' column is SEMU's. The machine is whatever else is running "
@@ -161,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "uncalibrated default and calibrated online (each fit also predicts again the "
               "plans made before it; those served before the first fit keep the default's "
               "prediction):", "",
-              "![SEMU error](default_flags.png)"]
-    write_report(args.out, "default_flags", lines, result)
-    plot_errors(rounds, args.out / "default_flags.png")
+              f"![SEMU error]({args.name}.png)"]
+    write_report(args.out, args.name, lines, result)
+    plot_errors(rounds, args.out / f"{args.name}.png")
     return 0
 
 

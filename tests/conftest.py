@@ -57,7 +57,7 @@ def megatron_single_process():
 FAST = {"test_compile", "test_nccl_order", "test_config", "test_ir", "test_memopt",
         "test_planner", "test_schedules", "test_search", "test_semu", "test_workload",
         "test_comparison_baselines", "test_runtime_fit", "test_sp_plans",
-        "test_action_graph", "test_compile_passes", "test_budget"}
+        "test_action_graph", "test_compile_passes", "test_budget", "test_cut_search"}
 """The planning side's tests (no torch, no processes): `make test-fast`, `pytest -m fast`."""
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeweaver_megatron.config import load_model
+from pipeweaver_megatron.config import get_hardware, load_model
+from pipeweaver_megatron.semu import CostModel
 from pipeweaver_megatron.workload import TokenRules, sample_workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,16 +142,27 @@ def compare_gradients(grads_dir: Path, ranks: int, want: list) -> None:
     assert seen == set(want[0][1]), set(want[0][1]) ^ seen
 
 
-@pytest.mark.parametrize("model,pp,transport,port", [
-    ("tiny-vlm", 3, "tags", 29921), ("tiny-vlm", 4, "nccl-order", 29922),
-    ("tiny-t2v", 4, "tags", 29923)])
+@pytest.mark.parametrize("model,pp,transport,cut,port", [
+    ("tiny-vlm", 3, "tags", "balanced", 29921), ("tiny-vlm", 4, "nccl-order", "searched", 29922),
+    ("tiny-t2v", 4, "tags", "balanced", 29923)])
 def test_pipeweaver_training_at_pp3_and_pp4_equals_one_process(tmp_path, model, pp, transport,
-                                                                port):
+                                                                cut, port):
+    """Also on a searched cut (tiny-vlm PP 4: modules rotated across ranks and chunks of
+    unequal length, planner/cut_search.py)."""
     iterations = 3
     records, grads = train(tmp_path, f"pp{pp}", model, pp, "--pipeline-model-parallel-size",
                            str(pp), "--train-iters", str(iterations), "--pipeweaver-transport",
-                           transport, port=port)
+                           transport, "--pipeweaver-partition", cut, port=port)
     assert not any(r["fallback"] for r in records), records  # PipeWeaver's own plans ran
+    if cut == "searched":  # the run's cut is not the balanced one
+        from pipeweaver_megatron.megatron.virtual_stages import layout_reference
+        from pipeweaver_megatron.planner import partition
+
+        spec = load_model(model, {"tp": 1, "pp": pp, "dp": 1})
+        costs, sample = CostModel(spec, get_hardware(spec.hardware)), \
+            layout_reference(spec, None, SEED)
+        assert partition(costs, pp, reference=sample, search=True).layout != \
+            partition(costs, pp, reference=sample).layout
     want = reference(model, {"tp": 1, "pp": pp, "dp": 1}, iterations)
     assert [r["loss"] for r in records] == pytest.approx([w[0] for w in want], rel=1e-5)
     compare_gradients(grads, pp, want)

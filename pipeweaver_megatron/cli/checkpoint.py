@@ -69,7 +69,7 @@ def _convert(args: argparse.Namespace) -> int:
             target=args.target, pp=args.pp, tp=args.tp, iteration=args.iteration,
             seed=args.seed, workload=args.workload, hardware=args.hardware,
             calibration=args.calibration, global_batch_size=args.global_batch_size,
-            seq_length=args.seq_length))
+            seq_length=args.seq_length, partition=args.partition))
     except ConvertError as exc:
         print(f"pipeweaver: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -114,5 +114,7 @@ def add_parser(sub) -> None:
     resumed.add_argument("--calibration", metavar="FILE", help="--pipeweaver-calibration")
     resumed.add_argument("--global-batch-size", type=int, help="default: the model's")
     resumed.add_argument("--seq-length", type=int, help="default: the model's microbatch_tokens")
+    resumed.add_argument("--partition", choices=("balanced", "searched"), default="balanced",
+                         help="--pipeweaver-partition")
     convert.add_argument("--json", action="store_true")
     convert.set_defaults(func=cmd_convert)

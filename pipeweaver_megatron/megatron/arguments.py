@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        metavar="MS|auto", help="search time per batch in the planner process; "
                        "auto (default): follows the measured iteration time and the cores "
                        "training leaves idle (service/budget.py)")
+    group.add_argument("--pipeweaver-partition", choices=("balanced", "searched"),
+                       default="balanced", help="the chunk cut: each module balanced on its "
+                       "own, or searched across modules by SEMU-planned schedules of a "
+                       "sample batch (planner/cut_search.py; seconds at start-up)")
     group.add_argument("--pipeweaver-online-calibration", choices=("on", "off"), default="on",
                        help="refit SEMU's runtime terms from every trained iteration's "
                             "measured compute times (semu/online.py)")

@@ -87,6 +87,8 @@ class ConvertRequest:
     """--global-batch-size of the resumed run (None: the model's)."""
     seq_length: int | None = None
     """--seq-length of the resumed run (None: the model's microbatch_tokens)."""
+    partition: str = "balanced"
+    """--pipeweaver-partition of the resumed run."""
 
     def __post_init__(self) -> None:
         for name in ("source", "target"):
@@ -271,7 +273,7 @@ def _target_layout(request: ConvertRequest, model: ModelSpec,
                                seed=request.seed)
     try:
         return partition(make_costs(settings, model), num_ranks=request.pp,
-                         reference=reference).layout
+                         reference=reference, search=request.partition == "searched").layout
     except PartitionError as exc:
         raise ConvertError(f"{model.name} has no pipeweaver layout for pp={request.pp}: "
                            f"{exc}") from None

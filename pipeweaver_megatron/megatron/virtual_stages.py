@@ -106,6 +106,7 @@ def service_settings(args: argparse.Namespace, model: ModelSpec, parallel: dict[
         sequence_parallel=parallel.get("sequence_parallel"),  # None: the script's own model
         schedule=args.pipeweaver_schedule, budget_ms=args.pipeweaver_search_budget_ms,
         lookahead=args.pipeweaver_lookahead,
+        partition=getattr(args, "pipeweaver_partition", "balanced"),
         online_calibration=getattr(args, "pipeweaver_online_calibration", "off") == "on",
         workers=args.pipeweaver_planner_workers, timeout_ms=args.pipeweaver_plan_timeout_ms,
         fallback=args.pipeweaver_fallback,

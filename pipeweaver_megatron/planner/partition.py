@@ -112,13 +112,15 @@ def choose_sub_size(costs: CostModel, name: str, reference: Reference | None = N
 
 
 def partition(costs: CostModel, num_ranks: int | None = None,
-              capacity_bytes: float | None = None, reference: GlobalBatch | None = None) -> ChunkPlan:
+              capacity_bytes: float | None = None, reference: GlobalBatch | None = None,
+              search: bool = False) -> ChunkPlan:
     """Cut every transformer module into P*K_i chunks; the projector joins its encoder.
 
     Latencies come from typical shapes of `reference` (a sample of the training data:
     in a text-to-video model the LM only reads captions) or, without it, from the
     largest shapes the config allows. Raises PartitionError when a rank's weights, gradients and optimizer state alone
-    exceed capacity_bytes (default: the hardware's memory)."""
+    exceed capacity_bytes (default: the hardware's memory). search: refine the cut
+    across modules by the plans of `reference` (cut_search.py; needs a reference)."""
     model = costs.model
     ranks = num_ranks or model.parallel.pp
     stacks = [n for n in model.order if model.module(n).is_transformer]
@@ -149,8 +151,21 @@ def partition(costs: CostModel, num_ranks: int | None = None,
             stages.append(Stage(len(stages), c % ranks, tuple(parts)))
     layout = Layout(ranks, module_infos(model), tuple(stages))
     plan = ChunkPlan(layout=layout, sub_size=sizes, segments=segments, latency_s=latency)
-    check_capacity(costs, plan, capacity_bytes or costs.hardware.memory_capacity)
+    capacity = capacity_bytes or costs.hardware.memory_capacity
+    check_capacity(costs, plan, capacity)
+    if search and reference is not None:
+        from .cut_search import search_cuts
+
+        return search_cuts(costs, plan, [reference], capacity).plan
     return plan
+
+
+def layer_bounds(costs: CostModel, name: str, chunks: int, sub_size: dict[str, int],
+                 reference: GlobalBatch | None) -> list[tuple[int, int]]:
+    """partition()'s balanced [lo, hi) layer runs of one module cut into `chunks`."""
+    typical = reference_shapes(costs.model, reference) if reference is not None else None
+    return _layer_bounds(costs, name, chunks,
+                         unit_shape(costs.model, name, sub_size[name], typical))
 
 
 def _layer_bounds(costs: CostModel, name: str, chunks: int, unit: ModuleShape) -> list[tuple[int, int]]:

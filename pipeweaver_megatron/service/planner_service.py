@@ -53,7 +53,8 @@ def cut_layout(settings: ServiceSettings, model: ModelSpec, pp: int) -> RunLayou
     argument parser cuts the same one to set the virtual stages."""
     if settings.schedule == PIPEWEAVER:
         costs = make_costs(settings, model)
-        chunks = partition(costs, num_ranks=pp, reference=settings.reference)
+        chunks = partition(costs, num_ranks=pp, reference=settings.reference,
+                           search=settings.partition == "searched")
         return RunLayout(costs, chunks, chunks.layout)
     return RunLayout(None, None, baseline_layout(model, settings.schedule, pp))
 

@@ -17,6 +17,9 @@ FAULTS = ("planner-crash", "planner-hang", "bad-plan", "bad-samples")
 sleeps forever, returns a table with two actions of rank 0 swapped (the execution plan
 no longer matches it), or returns a plan whose batch lost a sample."""
 
+PARTITIONS = ("balanced", "searched")
+"""How the run's chunks are cut (ServiceSettings.partition)."""
+
 UNLIMITED_MS = 3_600_000.0
 """Wall-clock budget handed to the search when max_evaluations bounds it instead."""
 
@@ -57,6 +60,9 @@ class ServiceSettings:
     measured iteration time and the node's idle cores (budget.py)."""
     lookahead: int = 2
     """Batches the training side submits ahead (the auto budget's window)."""
+    partition: str = "balanced"
+    """The chunk cut: "balanced" (each module balanced on its own, partition.py) or
+    "searched" (refined across modules by the plans it leads to, cut_search.py)."""
     online_calibration: bool = False
     """Refit SEMU's runtime terms from each trained iteration's measured times (the
     training side reports them with PlannerService.measured; semu/online.py)."""
@@ -92,6 +98,8 @@ class ServiceSettings:
             raise ValueError(f"schedule {self.schedule!r}: the runtime runs {', '.join(RUNNABLE)}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback {self.fallback!r}: one of {', '.join(FALLBACKS)}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition {self.partition!r}: one of {', '.join(PARTITIONS)}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if (self.budget_ms is not None and self.budget_ms <= 0) or self.timeout_ms < 0:

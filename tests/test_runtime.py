@@ -27,7 +27,7 @@ def check(result) -> None:
 
 @pytest.mark.parametrize("model,schedule", [
     ("tiny-vlm", "megatron-1f1b"), ("tiny-vlm", "megatron-interleaved"), ("tiny-vlm", "pipeweaver"),
-    ("tiny-t2v", "megatron-1f1b"), ("tiny-t2v", "pipeweaver")])
+    ("tiny-t2v", "pipeweaver")])  # the static orders run the same code for either model
 def test_two_ranks_match_one_process(model, schedule):
     result = verify(model, schedule, pp=2, batches=2, seed=1, timeout_s=60)
     check(result)

@@ -15,14 +15,12 @@ second line is compared with that average.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_lm import LOSS, VALID, logged, patched_script, run, standin
+from megatron_lm import LOSS, VALID, logged, patched_script, standin
 from pipeweaver_megatron.megatron.examples import TINY_LLAVA
 
 LLAVA = [*TINY_LLAVA, "--eval-interval", "2"]

@@ -4,11 +4,6 @@ and PP 4, so the transport relies on no tag; the CUDA watchdog names a hung oper
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from test_runtime import check
 

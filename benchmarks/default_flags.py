@@ -23,16 +23,15 @@ Usage: python benchmarks/default_flags.py [--rounds 3] [--iterations 8] [--out d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from common import figure, header, parse, save_figure, table, write_report
+from pipeweaver_megatron.cli import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -57,15 +56,7 @@ def train(kind: str, args: argparse.Namespace, work: Path) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default
     env["PYTHONWARNINGS"] = "ignore"
     print(f"$ {kind}", flush=True)
-    done = subprocess.run(command, env=env, cwd=work, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=1200)
-    for line in done.stdout.splitlines():
-        if line.startswith("iteration") and "|" in line:
-            print("  " + line, flush=True)
-    if done.returncode != 0:
-        print(done.stdout[-4000:], file=sys.stderr)
-        raise SystemExit(f"{kind} failed (exit {done.returncode})")
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return demo.run_logged(command, env, log, kind, cwd=work)
 
 
 def figures(records: list[dict], first: int) -> dict:

@@ -48,14 +48,21 @@ def run_training(schedule: str, args: argparse.Namespace, log: Path,
     print(f"$ torchrun --nproc-per-node 2 scripts/pretrain_lmm.py ... --pipeweaver-schedule {schedule}",
           flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+    return run_logged(command, env, log, f"training with {schedule}")
+
+
+def run_logged(command: Sequence[str], env: dict, log: Path, what: str,
+               cwd: Path | None = None) -> list[dict]:
+    """Run a training command, echo its iteration lines, and return its --pipeweaver-log
+    records; on failure print its output's tail and exit naming `what`."""
+    done = subprocess.run(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("iteration") and "|" in line:
             print("  " + line, flush=True)
     if done.returncode != 0:
         print(done.stdout[-3000:], file=sys.stderr)
-        raise SystemExit(f"training with {schedule} failed (exit {done.returncode})")
+        raise SystemExit(f"{what} failed (exit {done.returncode})")
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 

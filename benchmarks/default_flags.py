@@ -9,9 +9,11 @@ Each round runs, on this machine, exactly
         --train-iters 8 --seed 1234
 
 (plus --pipeweaver-log to read the figures, and --pipeweaver-record-plans), the same with
---pipeweaver-schedule megatron-1f1b, and the PipeWeaver run again on its recorded plans
-with no planner running (--pipeweaver-replay-plans): the live run over the replayed one
-is the planner's interference. Rounds alternate which schedule goes first. Figures are
+--pipeweaver-schedule megatron-1f1b, the PipeWeaver run again on its recorded plans with
+no planner running (--pipeweaver-replay-plans), then the user's command once more: the
+mean of the two live runs (one before and one after the replay, so that neither side
+gains from its place in the round) over the replayed one is the planner's interference.
+Rounds alternate which schedule goes first. Figures are
 medians of iterations 3-8 (1-based) of each run; the speedup is the median over rounds
 of 1F1B's median over PipeWeaver's. Bubble: 1 - busiest rank's measured compute /
 iteration time. SEMU error: |predicted - measured| / measured, mean over iterations 3-8,
@@ -37,14 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 USER_FLAGS = ("--pipeweaver", "--pipeweaver-model-config", "tiny-vlm",
               "--pipeline-model-parallel-size", "2")
-RUNS = ("pipeweaver", "megatron-1f1b", "replay")
+RUNS = ("pipeweaver", "megatron-1f1b", "replay", "pipeweaver-again")
 
 
 def train(kind: str, args: argparse.Namespace, work: Path) -> list[dict]:
-    """One run of the user's command (`kind`: pipeweaver, megatron-1f1b or replay of the
-    pipeweaver run's recorded plans in `work`); its log records."""
+    """One run of the user's command (`kind`: pipeweaver or pipeweaver-again, each
+    recording its plans, megatron-1f1b, or replay of the pipeweaver run's plans in
+    `work`); its log records."""
     log = work / f"{kind}.jsonl"
     extra = {"pipeweaver": ["--pipeweaver-record-plans", str(work / "plans")],
+             "pipeweaver-again": ["--pipeweaver-record-plans", str(work / "plans-again")],
              "megatron-1f1b": ["--pipeweaver-schedule", "megatron-1f1b"],
              "replay": ["--pipeweaver-replay-plans", str(work / "plans")]}[kind]
     if kind != "megatron-1f1b":
@@ -111,9 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(tmp)
             order = ("pipeweaver", "megatron-1f1b") if r % 2 == 0 else ("megatron-1f1b",
                                                                         "pipeweaver")
-            runs = {kind: figures(train(kind, args, work), first) for kind in (*order, "replay")}
+            runs = {kind: figures(train(kind, args, work), first)
+                    for kind in (*order, "replay", "pipeweaver-again")}
         runs["speedup"] = runs["megatron-1f1b"]["median_s"] / runs["pipeweaver"]["median_s"]
-        runs["interference"] = runs["pipeweaver"]["median_s"] / runs["replay"]["median_s"]
+        live = (runs["pipeweaver"]["median_s"] + runs["pipeweaver-again"]["median_s"]) / 2
+        runs["interference"] = live / runs["replay"]["median_s"]
         print(f"round {r + 1}: speedup {runs['speedup']:.3f}x, interference "
               f"{runs['interference']:.3f}x", flush=True)
         rounds.append(runs)

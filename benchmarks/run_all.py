@@ -63,7 +63,7 @@ ITEMS: list[tuple[str, str, list[str], list[str]]] = [
     ("real_cpu", "real_cpu", ["--iterations", "20", "--rounds", "3"],
      ["--iterations", "4", "--rounds", "1"]),
     ("default_flags", "default_flags", ["--rounds", "3"],
-     ["--rounds", "1", "--iterations", "3"]),
+     ["--rounds", "1", "--iterations", "2"]),
     ("activation_memory", "activation_memory", [], ["--models", "tiny-vlm"]),
     ("packed_attention", "packed_attention", ["--repeats", "5"], ["--repeats", "1"]),
 ]

@@ -82,8 +82,8 @@ def test_a_strategy_naming_more_layers_than_the_chunk_runs_is_an_error():
         teardown()
 
 
-@pytest.mark.parametrize("pp,strategies", [(2, ("recompute", "offload")),
-                                           (4, ("mixed",))])
+@pytest.mark.parametrize("pp,strategies", [(4, ("mixed",))])  # each kind alone: bitwise
+# in one process above (test_recompute_and_offload_keep_losses_and_gradients_bitwise)
 def test_forced_strategies_through_the_runtime_are_bitwise_the_no_strategy_run(pp, strategies):
     plain = verify("tiny-vlm", "pipeweaver", pp=pp, batches=1, seed=5, timeout_s=90,
                    memory_strategy="none")

@@ -66,7 +66,7 @@ def test_a_wrong_weight_is_reported_as_a_mismatch():
 
 def test_ranks_with_different_plans_refuse_to_run():
     with pytest.raises(RuntimeError, match=r"rank 1: ExecutionError: rank 1: plan \w+ differs"):
-        verify("tiny-vlm", "megatron-1f1b", pp=2, batches=2, timeout_s=30, fault="disagreeing-plan")
+        verify("tiny-vlm", "megatron-1f1b", pp=2, batches=2, timeout_s=8, fault="disagreeing-plan")
 
 
 def test_a_peer_that_never_sends_ends_in_a_timeout_naming_rank_and_op():

@@ -209,6 +209,9 @@ def test_measured_iterations_recalibrate_the_workers_and_auto_budgets_follow_the
         measured = {str(a): 0.001 + 2 * (e - s) for acts, ss, es in
                     zip(predicted.actions, predicted.starts, predicted.ends)
                     for a, s, e in zip(acts, ss, es)}
+        board = service._board  # plan 1 must be made before the fit lands
+        with board.cond:
+            board.cond.wait_for(lambda: board.entries[1].done, timeout=60)
         service.observe(2.0, waited_ms=0.0, late=False)
         service.measured(0, Measured(measured, 0.01))
         service.submit(2, TINY_BATCHES[2])  # the worker takes the measurements first

@@ -9,6 +9,8 @@ import json
 import sys
 import warnings
 
+from ..service.settings import PARTITIONS
+
 KINDS = ("megatron", "megatron-1f1b", "megatron-interleaved", "pipeweaver")
 """megatron/convert.py's KINDS, repeated so the parser imports no torch."""
 
@@ -114,7 +116,7 @@ def add_parser(sub) -> None:
     resumed.add_argument("--calibration", metavar="FILE", help="--pipeweaver-calibration")
     resumed.add_argument("--global-batch-size", type=int, help="default: the model's")
     resumed.add_argument("--seq-length", type=int, help="default: the model's microbatch_tokens")
-    resumed.add_argument("--partition", choices=("balanced", "searched"), default="balanced",
+    resumed.add_argument("--partition", choices=PARTITIONS, default="balanced",
                          help="--pipeweaver-partition")
     convert.add_argument("--json", action="store_true")
     convert.set_defaults(func=cmd_convert)

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..ir.execplan import TRANSPORTS
 from ..planner.systems import PIPEWEAVER, RUNNABLE
+from ..service.settings import PARTITIONS
 
 FAULTS = ("planner-crash", "planner-hang", "bad-plan", "crash-mid-save")
 """The planner's faults (service/settings.py), and crash-mid-save: in the checkpoint
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        metavar="MS|auto", help="search time per batch in the planner process; "
                        "auto (default): follows the measured iteration time and the cores "
                        "training leaves idle (service/budget.py)")
-    group.add_argument("--pipeweaver-partition", choices=("balanced", "searched"),
+    group.add_argument("--pipeweaver-partition", choices=PARTITIONS,
                        default="balanced", help="the chunk cut: each module balanced on its "
                        "own, or searched across modules by SEMU-planned schedules of a "
                        "sample batch (planner/cut_search.py; seconds at start-up)")

@@ -20,6 +20,7 @@ from ..planner import PIPEWEAVER, split_batch
 from ..ir.plan import IterationPlan
 from ..semu import batch_shapes, simulate, write_trace
 from ..semu.online import Measured
+from ..semu.runtime_fit import compute_action
 from ..service import InvalidPlan, PlannerService, PrefetchingIterator, read_plan
 from ..service.planner_service import cut_layout
 from ..service.wire import decode, encode_plan
@@ -92,6 +93,8 @@ class PlanFeed:
                                         model_file)
             self.settings = settings
             self.costs = make_costs(settings, model)  # to predict plans that come unpriced
+            if self.record_dir:
+                os.makedirs(self.record_dir, exist_ok=True)
             if self.replay_dir:
                 cut = cut_layout(settings, model, settings.pp or topo.pp)
                 payload = [(cut.layout, cut.chunks)]
@@ -143,8 +146,8 @@ class PlanFeed:
         if calls <= self._reported:
             return  # no training step since the last plan (all ranks agree)
         self._reported = calls
-        mine = ({op[len("Compute("):-1]: end - start for _, op, start, end in timeline
-                 if op.startswith("Compute(")},
+        mine = ({compute_action(op): end - start for _, op, start, end in timeline
+                 if compute_action(op)},
                 timeline[-1][3] - timeline[0][2] if timeline else 0.0)
         gathered = [None] * dist.get_world_size(self.group) if self.first else None
         dist.gather_object(mine, gathered, dst=self.root, group=self.group)
@@ -209,7 +212,6 @@ class PlanFeed:
         """--pipeweaver-record-plans: the plan served for `key`, as a worker sends it."""
         if not self.record_dir:
             return
-        os.makedirs(self.record_dir, exist_ok=True)
         info = {"source": source}
         if predicted is not None:
             info.update(predicted_iteration_time_s=predicted[0], predicted_bubble_ratio=predicted[1])

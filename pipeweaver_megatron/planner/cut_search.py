@@ -21,12 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from ..config import ModuleKind
-from ..ir import Layout, Part, Stage
-from ..schedules.placement import module_infos
+from ..ir import Layout
 from ..semu import CostModel
 from ..workload import GlobalBatch
-from .partition import ChunkPlan, PartitionError, check_capacity, layer_bounds
+from .partition import ChunkPlan, PartitionError, check_capacity, chunk_layout, layer_bounds
 
 MIN_GAIN = 0.005
 """A move must shorten the predicted iteration by this share."""
@@ -68,15 +66,8 @@ def search_cuts(costs: CostModel, start: ChunkPlan, batches: Sequence[GlobalBatc
     scores: dict[Cut, float] = {}
 
     def chunks_of(cut: Cut) -> ChunkPlan:
-        stages: list[Stage] = []
-        for name, bounds, offset in zip(stacks, cut.bounds, cut.offsets):
-            for c, (lo, hi) in enumerate(bounds):
-                parts = [Part(name, lo, hi)]
-                if c == len(bounds) - 1:
-                    parts += [Part(p, 0, 1) for p in model.downstream(name)
-                              if model.module(p).kind == ModuleKind.PROJECTOR]
-                stages.append(Stage(len(stages), (c + offset) % ranks, tuple(parts)))
-        layout = Layout(ranks, module_infos(model), tuple(stages))
+        layout = chunk_layout(model, ranks, dict(zip(stacks, cut.bounds)),
+                              dict(zip(stacks, cut.offsets)))
         segments = {n: len(b) // ranks for n, b in zip(stacks, cut.bounds)}
         return replace(start, layout=layout, segments=segments)
 

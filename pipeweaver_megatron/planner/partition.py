@@ -17,6 +17,7 @@ For each module i (PAPER.md, "Chunk partitioner"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from ..config import ModelSpec, ModuleKind
 from ..ir import Layout, Part, Stage
@@ -139,17 +140,9 @@ def partition(costs: CostModel, num_ranks: int | None = None,
         if layers < ranks:
             raise PartitionError(f"module {name!r} has {layers} layers, fewer than pp={ranks}")
         segments[name] = max(1, min(int(latency[name] // fastest), layers // ranks))
-    stages: list[Stage] = []
-    for name in stacks:
-        chunks = ranks * segments[name]
-        bounds = _layer_bounds(costs, name, chunks, unit_shape(model, name, sizes[name], typical))
-        for c, (lo, hi) in enumerate(bounds):
-            parts = [Part(name, lo, hi)]
-            if c == chunks - 1:
-                parts += [Part(p, 0, 1) for p in model.downstream(name)
-                          if model.module(p).kind == ModuleKind.PROJECTOR]
-            stages.append(Stage(len(stages), c % ranks, tuple(parts)))
-    layout = Layout(ranks, module_infos(model), tuple(stages))
+    layout = chunk_layout(model, ranks, {
+        name: _layer_bounds(costs, name, ranks * segments[name],
+                            unit_shape(model, name, sizes[name], typical)) for name in stacks})
     plan = ChunkPlan(layout=layout, sub_size=sizes, segments=segments, latency_s=latency)
     capacity = capacity_bytes or costs.hardware.memory_capacity
     check_capacity(costs, plan, capacity)
@@ -158,6 +151,23 @@ def partition(costs: CostModel, num_ranks: int | None = None,
 
         return search_cuts(costs, plan, [reference], capacity).plan
     return plan
+
+
+def chunk_layout(model: ModelSpec, ranks: int, bounds: Mapping[str, Sequence[tuple[int, int]]],
+                 offsets: Mapping[str, int] | None = None) -> Layout:
+    """The layout of chunks cut at `bounds` ([lo, hi) layers per transformer module, in
+    pipeline order): chunk c of a module on rank (c + its offset) mod ranks, the
+    projector on its encoder's last chunk."""
+    stages: list[Stage] = []
+    for name, runs in bounds.items():
+        offset = (offsets or {}).get(name, 0)
+        for c, (lo, hi) in enumerate(runs):
+            parts = [Part(name, lo, hi)]
+            if c == len(runs) - 1:
+                parts += [Part(p, 0, 1) for p in model.downstream(name)
+                          if model.module(p).kind == ModuleKind.PROJECTOR]
+            stages.append(Stage(len(stages), (c + offset) % ranks, tuple(parts)))
+    return Layout(ranks, module_infos(model), tuple(stages))
 
 
 def layer_bounds(costs: CostModel, name: str, chunks: int, sub_size: dict[str, int],

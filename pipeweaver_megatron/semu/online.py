@@ -47,7 +47,6 @@ class OnlineCalibration:
     """Refits the runtime terms of `base` from measured iterations (see the module note)."""
 
     def __init__(self, base: Calibration, window: int = WINDOW) -> None:
-        self.base = base
         self.current = base
         self.fits = 0
         self._neutral = replace(base, action_overhead_s=(0.0, 0.0), action_scale=(1.0, 1.0),

@@ -65,7 +65,7 @@ def runtime_samples(directories: Iterable[str | Path], skip: int = 1) -> Runtime
                 continue  # only the group's first rank writes predictions
             predicted = _predicted(predicted_path)
             for op in ops:
-                name = op["op"][len("Compute("):-1] if op["op"].startswith("Compute(") else None
+                name = compute_action(op["op"])
                 if name in predicted:
                     phase = _ACTION.match(name).group(2)
                     kind, seconds = predicted[name]
@@ -76,6 +76,11 @@ def runtime_samples(directories: Iterable[str | Path], skip: int = 1) -> Runtime
                 took = json.loads(path.read_text())["iteration_time_s"]
                 outside.append(max(0.0, took - max(found)))
     return RuntimeSamples(actions, outside)
+
+
+def compute_action(op: str) -> str | None:
+    """The action label of a measured compute op ("Compute(3F12)" -> "3F12"), else None."""
+    return op[len("Compute("):-1] if op.startswith("Compute(") else None
 
 
 def _predicted(path: Path) -> dict[str, tuple[str, float]]:

@@ -69,15 +69,6 @@ class Machine:
         return cls(cores=cores, training=max(training, 1))
 
 
-@dataclass(frozen=True)
-class BudgetState:
-    """What the policy last decided, for the logs."""
-
-    iteration_s: float | None
-    scale: float
-    contended: bool
-
-
 class BudgetPolicy:
     """Budgets for the service's tasks (see the module note); not thread-safe: the
     service calls it under its board's lock."""
@@ -119,12 +110,9 @@ class BudgetPolicy:
         cpu = None if cpu is None else _clamp(cpu * self.scale, wall)
         return SearchBudget(wall_ms=wall, cpu_ms=cpu, patience=PATIENCE)
 
-    def state(self) -> BudgetState:
-        return BudgetState(self.iteration_s, self.scale, self.contended)
-
 
 def _clamp(ms: float, upper: float) -> float:
     return min(max(ms, MIN_MS), upper)
 
 
-__all__ = ["BudgetPolicy", "BudgetState", "Machine"]
+__all__ = ["BudgetPolicy", "Machine"]

@@ -171,11 +171,6 @@ class PlannerService:
             self._pool.measured(Measurement(key, measured))
         self._pool.wake()
 
-    @property
-    def policy(self) -> BudgetPolicy | None:
-        """The auto budget's policy (None with a fixed budget_ms)."""
-        return self._board.policy
-
     def fallback(self, batch: GlobalBatch) -> tuple[IterationPlan, str]:
         """The plan of `batch` without the search, and its name: the static order of the
         run's chunks (they follow the run's own layout), or the fallback schedule."""

@@ -299,11 +299,9 @@ class WorkerPool:
                 iteration = board.pending.popleft()
                 entry = board.entries[iteration]
                 entry.budget = board.policy.next() if board.policy is not None else None
-                wall = entry.budget.wall_ms if entry.budget is not None else None
                 worker.current, worker.since = iteration, time.perf_counter()
-                worker.limit_s = (self.settings.hang_limit_ms if wall is None or
-                                  self.settings.hang_ms is not None else
-                                  3 * wall + self.settings.timeout_ms) / 1000
+                worker.limit_s = self.settings.hang_limit_ms(
+                    entry.budget.wall_ms if entry.budget is not None else None) / 1000
                 sends.append((worker, (iteration, entry.batch, entry.budget)))
         for worker, task in sends:
             try:

@@ -75,7 +75,7 @@ class ServiceSettings:
     """How long `get` waits for a worker's plan before falling back."""
     hang_ms: float | None = None
     """A worker busy on one batch longer than this is killed and restarted; None:
-    3 * budget_ms + timeout_ms (set it when max_evaluations bounds the search)."""
+    3 * the batch's budget + timeout_ms (set it when max_evaluations bounds the search)."""
     fallback: str = "megatron-1f1b"
     """Schedule of the fallback plans: megatron-1f1b or megatron-interleaved."""
     reference: GlobalBatch | None = None
@@ -114,12 +114,14 @@ class ServiceSettings:
         if bad:
             raise ValueError(f"unknown faults {bad}; known: {', '.join(FAULTS)}")
 
-    @property
-    def hang_limit_ms(self) -> float:
-        """The hang limit of a task planned with the settings' budget (auto: the pool
-        applies 3 * the task's own wall budget + timeout_ms)."""
-        budget = self.budget_ms if self.budget_ms is not None else UNLIMITED_MS
-        return self.hang_ms if self.hang_ms is not None else 3 * budget + self.timeout_ms
+    def hang_limit_ms(self, wall_ms: float | None = None) -> float:
+        """How long a worker may be busy on a task planned with wall_ms (None: the
+        settings' budget_ms) before it counts as hung: hang_ms, or 3 * the budget +
+        timeout_ms."""
+        budget = wall_ms if wall_ms is not None else self.budget_ms
+        if self.hang_ms is not None:
+            return self.hang_ms
+        return 3 * (budget if budget is not None else UNLIMITED_MS) + self.timeout_ms
 
     def resolve(self) -> "RunModel":
         """The model spec with the run's parallel overrides, its token rules, and the
